@@ -1,0 +1,207 @@
+"""The ``fat-distill`` command: data preparation, manifest inspection and (later) pipeline runs.
+
+Every command is a thin wrapper over a library function; errors from bad input are
+printed as one plain message (file, row, what to do) with exit status 2. Set
+``FAT_DISTILL_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fat_distill.manifests import (
+    ManifestError,
+    diff_manifests,
+    read_manifest,
+    summarise_manifest,
+)
+
+app = typer.Typer(
+    name="fat-distill",
+    help="Noisy-label distillation for identity embeddings (FAT loss, teacher-student soft labels).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Build, synthesise and corrupt datasets; each command writes a [b]dataset[/b] manifest.",
+                       no_args_is_help=True)
+manifest_app = typer.Typer(help="Validate, summarise and compare Parquet manifests.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(manifest_app, name="manifest")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_MANIFEST_ROOT = Path("data_manifests")
+USER_ERRORS = (ManifestError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def _fail(exc: BaseException) -> None:
+    if os.environ.get("FAT_DISTILL_DEBUG"):
+        raise exc
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _json_print(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- manifest commands
+
+@manifest_app.command("validate")
+def manifest_validate(
+    paths: Annotated[list[Path], typer.Argument(help="Manifest file(s) to check.")],
+    schema: Annotated[Optional[str], typer.Option(help="Expected schema (dataset, teacher_round, soft_labels, "
+                                                       "metrics); default: the one the file names.")] = None,
+) -> None:
+    """Check that manifests match their schema (columns, types, values, unique keys)."""
+    failed = 0
+    for path in paths:
+        try:
+            frame = read_manifest(path, schema)
+        except USER_ERRORS as exc:
+            failed += 1
+            err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False, soft_wrap=True)
+            continue
+        meta = frame.attrs["manifest"]
+        console.print(f"[green]ok[/] {path}  ({meta.schema} v{meta.version}, {len(frame):,} rows)", highlight=False)
+    if failed:
+        raise typer.Exit(code=2)
+
+
+def _render_summary(summary: dict) -> None:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    for key in ("schema", "version", "stage", "rows", "content_hash", "config_hash"):
+        head.add_row(key, str(summary.get(key)))
+    for key, value in (summary.get("extra") or {}).items():
+        head.add_row(key, str(value))
+    for parent in summary.get("parents") or []:
+        head.add_row("parent", f"{parent.get('schema')} {parent.get('content_hash', '')[:19]} {parent.get('path', '')}")
+    console.print(head)
+    if "splits" in summary:
+        t = Table(title="Splits")
+        for col in ("split", "rows", "identities", "distractors", "images/identity min/median/max"):
+            t.add_column(col, justify="right" if col != "split" else "left")
+        for split, s in summary["splits"].items():
+            ipi = s["images_per_identity"]
+            t.add_row(split, f"{s['rows']:,}", f"{s['identities']:,}", f"{s['distractor_rows']:,}",
+                      f"{ipi['min']} / {ipi['median']:g} / {ipi['max']}")
+        console.print(t)
+        cams = Table(title="Cameras (rows)")
+        for cam in summary["cameras"]:
+            cams.add_column("unknown" if cam == "-1" else f"c{cam}", justify="right")
+        cams.add_row(*(f"{n:,}" for n in summary["cameras"].values()))
+        console.print(cams)
+    if "noise" in summary:
+        n = summary["noise"]
+        t = Table(title=f"Label noise (train): {n['noisy_rows']:,} of {n['train_rows']:,} rows = {n['noise_rate']:.1%}")
+        t.add_column("kind")
+        t.add_column("rows", justify="right")
+        for kind, count in n["by_kind"].items():
+            t.add_row(kind, f"{count:,}")
+        console.print(t)
+    if "kept" in summary:
+        console.print(f"rounds {summary['rounds']}: kept [green]{summary['kept']:,}[/], dropped "
+                      f"[red]{summary['dropped']:,}[/] ({summary['kept_fraction']:.1%} kept); "
+                      f"prediction = given label for {summary['agree_with_given']:.1%}")
+        _render_histogram("confidence in the given label", summary["confidence_histogram"])
+    if "top1_prob_histogram" in summary:
+        console.print(f"k = {summary['k']}; confident {summary['confident']:,}, not confident "
+                      f"{summary['not_confident']:,}; top-1 = given label for {summary['top1_equals_given']:.1%}")
+        _render_histogram("top-1 probability", summary["top1_prob_histogram"])
+    if "metrics" in summary:
+        t = Table(title="Metrics")
+        for col in ("stage", "metric", "value", "step"):
+            t.add_column(col)
+        for row in summary["metrics"]:
+            value = row.get("value")
+            t.add_row(str(row.get("stage")), str(row.get("metric")),
+                      "—" if value is None else f"{value:.4g}", str(row.get("step", "")))
+        console.print(t)
+
+
+def _render_histogram(title: str, hist: dict) -> None:
+    counts, edges = hist["counts"], hist["edges"]
+    peak = max(counts) or 1
+    t = Table(title=title, show_header=True)
+    t.add_column("bin")
+    t.add_column("rows", justify="right")
+    t.add_column("")
+    for i, c in enumerate(counts):
+        t.add_row(f"[{edges[i]:.1f}, {edges[i + 1]:.1f})", f"{c:,}", "█" * round(30 * c / peak))
+    console.print(t)
+
+
+@manifest_app.command("inspect")
+def manifest_inspect(
+    path: Annotated[Path, typer.Argument(help="Manifest file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    schema: Annotated[Optional[str], typer.Option(help="Expected schema; default: the one the file names.")] = None,
+) -> None:
+    """Summarise a manifest: provenance, rows, identities, splits, cameras, noise and confidence."""
+    try:
+        frame = read_manifest(path, schema)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    summary = summarise_manifest(frame, frame.attrs["manifest"])
+    summary["path"] = str(path)
+    if as_json:
+        _json_print(summary)
+    else:
+        console.rule(str(path))
+        _render_summary(summary)
+
+
+@manifest_app.command("diff")
+def manifest_diff(
+    a: Annotated[Path, typer.Argument(help="First manifest (before).")],
+    b: Annotated[Path, typer.Argument(help="Second manifest (after).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the difference as JSON.")] = False,
+) -> None:
+    """Compare two manifests by sample_id: rows added/removed, labels changed, confident flags flipped."""
+    try:
+        fa, fb = read_manifest(a), read_manifest(b)
+        result = diff_manifests(fa, fa.attrs["manifest"], fb, fb.attrs["manifest"])
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        _json_print(result)
+        return
+    console.print(f"A: {a} ({result['a']['schema']}, {result['a']['rows']:,} rows)", highlight=False)
+    console.print(f"B: {b} ({result['b']['schema']}, {result['b']['rows']:,} rows)", highlight=False)
+    if result["identical"]:
+        console.print("[green]identical content[/]")
+    t = Table()
+    t.add_column("change")
+    t.add_column("rows", justify="right")
+    t.add_column("examples")
+    t.add_row("added", f"{result['added']['count']:,}", ", ".join(result["added"]["examples"]))
+    t.add_row("removed", f"{result['removed']['count']:,}", ", ".join(result["removed"]["examples"]))
+    t.add_row("label changed", f"{result['labels_changed']['count']:,}",
+              ", ".join(f"{e['sample_id']} {e['a']}→{e['b']}" for e in result["labels_changed"]["examples"]))
+    if "confident_flipped" in result:
+        cf = result["confident_flipped"]
+        t.add_row("became confident", f"{cf['to_confident']['count']:,}", ", ".join(cf["to_confident"]["examples"]))
+        t.add_row("lost confidence", f"{cf['to_not_confident']['count']:,}",
+                  ", ".join(cf["to_not_confident"]["examples"]))
+    console.print(t)
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
