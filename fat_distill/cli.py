@@ -18,11 +18,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fat_distill.config_hash import config_hash
 from fat_distill.manifests import (
     ManifestError,
     diff_manifests,
+    parent_ref,
     read_manifest,
     summarise_manifest,
+    write_manifest,
 )
 
 app = typer.Typer(
@@ -54,6 +57,100 @@ def _fail(exc: BaseException) -> None:
 
 def _json_print(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- data commands
+
+def _default_manifest_path(name: str) -> Path:
+    return DEFAULT_MANIFEST_ROOT / f"{name}.parquet"
+
+
+@data_app.command("index")
+def data_index(
+    root: Annotated[Path, typer.Argument(help="Dataset root folder.")],
+    layout: Annotated[str, typer.Option(help="market1501 | dukemtmc | msmt17 | folders (ROOT/<identity>/<image>).")],
+    out: Annotated[Optional[Path], typer.Option(help="Manifest to write (default: data_manifests/<root name>.parquet).")] = None,
+    verify: Annotated[bool, typer.Option(help="Decode every image and report unreadable ones (reads every file).")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Leave missing/unreadable images out (and list them) instead of failing.")] = False,
+    strict: Annotated[bool, typer.Option(help="Fail if any image name does not fit the layout.")] = False,
+    camera_regex: Annotated[Optional[str], typer.Option(help="folders: regex with one group giving the camera id from the file name.")] = None,
+    split_identities: Annotated[Optional[float], typer.Option(help="folders: fraction of identities held out as query/gallery test identities.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --split-identities draw.")] = 0,
+) -> None:
+    """Index a dataset on disk into a [b]dataset[/b] manifest (sample_id, path, pid, camid, split)."""
+    from fat_distill.data.layouts import index_dataset
+
+    started = time.perf_counter()
+    out = out or _default_manifest_path(root.resolve().name)
+    try:
+        with console.status(f"indexing {root} ({layout}{', decoding every image' if verify else ''})"):
+            result = index_dataset(root, layout, camera_regex=camera_regex, split_identities=split_identities,
+                                   seed=seed, strict=strict, verify=verify, skip_bad=skip_bad)
+        meta = write_manifest(
+            result.frame, out, "dataset", stage="data.index",
+            config_hash=config_hash({"layout": layout, "camera_regex": camera_regex,
+                                     "split_identities": split_identities, "seed": seed, "skip_bad": skip_bad}),
+            extra={"dataset_root": str(root.resolve()), "layout": layout,
+                   "unparsed": len(result.unparsed), "bad_images": len(result.bad_images)},
+        )
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    for path, reason in result.bad_images:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    counts = result.frame["split"].value_counts().to_dict()
+    console.print(f"wrote {out} — {meta.rows:,} rows "
+                  f"(train {counts.get('train', 0):,}, query {counts.get('query', 0):,}, "
+                  f"gallery {counts.get('gallery', 0):,}) in {time.perf_counter() - started:.1f}s", highlight=False)
+
+
+@data_app.command("corrupt")
+def data_corrupt(
+    manifest: Annotated[Path, typer.Argument(help="A clean dataset manifest.")],
+    rate: Annotated[float, typer.Option(help="Fraction of train rows to corrupt, in [0, 1).")],
+    kind: Annotated[str, typer.Option(help="flip | pair | outlier | multi | mix (equal parts flip, pair, outlier).")],
+    out: Annotated[Path, typer.Option(help="Noisy manifest to write.")],
+    seed: Annotated[int, typer.Option(help="Seed of the corruption.")] = 0,
+    pairing: Annotated[Optional[str], typer.Option(help="pair noise: mean_image (nearest identity by mean image; "
+                                                        "needs the images) or derangement (seeded fixed pairing). "
+                                                        "Default: mean_image when the dataset root is readable.")] = None,
+) -> None:
+    """Inject label noise into the train split, keeping the truth in [b]true_pid[/b] and [b]noise_kind[/b]."""
+    from fat_distill.data.noise import corrupt_labels, noise_summary
+
+    started = time.perf_counter()
+    try:
+        frame = read_manifest(manifest, "dataset")
+        meta = frame.attrs["manifest"]
+        root = meta.extra.get("dataset_root")
+        image_root = Path(root) if root and Path(root).is_dir() else None
+        if pairing == "mean_image" and image_root is None:
+            raise ValueError(f"--pairing mean_image needs the images, but the dataset root {root!r} recorded in "
+                             f"{manifest} is not a readable folder; use --pairing derangement")
+        if image_root is None and kind in ("pair", "mix") and pairing is None:
+            err_console.print(f"[yellow]note:[/] dataset root {root!r} not found: pair noise uses a seeded "
+                              "fixed pairing (derangement) instead of mean-image look-alikes")
+        with console.status(f"corrupting {manifest} ({kind}, rate {rate})"):
+            noisy = corrupt_labels(frame, rate=rate, kind=kind, seed=seed, image_root=image_root, pairing=pairing)
+        written = write_manifest(
+            noisy, out, "dataset", stage="data.corrupt",
+            config_hash=config_hash({"rate": rate, "kind": kind, "seed": seed, "pairing": pairing}),
+            parents=[parent_ref(manifest, meta)],
+            extra={**meta.extra, "noise": {"rate": rate, "kind": kind, "seed": seed,
+                                           "pairing": pairing or ("mean_image" if image_root else "derangement")}},
+        )
+    except USER_ERRORS as exc:
+        _fail(exc)
+    summary = noise_summary(noisy)
+    console.print(f"wrote {out} ({written.rows:,} rows) in {time.perf_counter() - started:.1f}s", highlight=False)
+    t = Table()
+    t.add_column("noise kind (train)")
+    t.add_column("rows", justify="right")
+    t.add_column("rate", justify="right")
+    for row in summary.itertuples():
+        t.add_row(row.noise_kind, f"{row.n_samples:,}", f"{row.rate:.1%}")
+    console.print(t)
 
 
 # --------------------------------------------------------------------------- manifest commands

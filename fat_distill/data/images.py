@@ -1,0 +1,98 @@
+"""Image-file checks: which files count as images, and whether one decodes.
+
+Indexing a dataset only looks at file names; a truncated download or an HTML
+error page saved as ``.jpg`` is then found only mid-epoch, inside a DataLoader
+worker. :func:`check_image` decodes a file up front so such files can be listed
+(and skipped) before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["IMAGE_SUFFIXES", "is_image_file", "check_image", "find_unreadable_images"]
+
+#: File suffixes (lower case, with the dot) treated as images; matched case-insensitively.
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
+)
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` has an image suffix (see :data:`IMAGE_SUFFIXES`); the file is not opened."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
+
+
+def check_image(path: str | os.PathLike[str]) -> str | None:
+    """Decode one image file completely and say why it is unusable, if it is.
+
+    ``Image.open`` alone only reads the header, so a file cut off mid-download
+    passes it; ``load()`` decodes every pixel and fails on truncation. PIL's
+    global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left as it is (off by
+    default), so truncated files are reported rather than silently padded.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        ``None`` when the file decodes, else a one-line reason such as
+        ``"OSError: image file is truncated (3 bytes not processed)"`` or
+        ``"missing: no such file"``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return "missing: no such file"
+    if not path.is_file():
+        return "not a regular file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            image.load()
+    # Corrupt data can surface as almost any exception from a decoder plugin
+    # (OSError, SyntaxError, struct.error, IndexError, DecompressionBombError…);
+    # every one of them means "this file cannot be used", so all are reported.
+    except Exception as error:  # noqa: BLE001
+        message = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {message[0] if message else 'cannot decode'}"
+    return None
+
+
+def find_unreadable_images(
+    root: str | os.PathLike[str],
+    relative_paths: Sequence[str],
+    *,
+    workers: int | None = None,
+) -> list[tuple[str, str]]:
+    """Run :func:`check_image` on many files and return the ones that fail.
+
+    Decoding is mostly I/O plus C code that releases the GIL, so a thread pool
+    speeds it up without the start-up cost of processes.
+
+    Args:
+        root: directory the paths are relative to.
+        relative_paths: ``(N,)`` paths relative to ``root`` (POSIX separators).
+        workers: threads to use; default ``min(8, os.cpu_count())``.
+
+    Returns:
+        ``(relative_path, reason)`` for each unreadable file, in input order.
+    """
+    root = Path(root)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    full_paths = [root / relative_path for relative_path in relative_paths]
+    if workers <= 1 or len(full_paths) < 2:
+        reasons = [check_image(path) for path in full_paths]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(check_image, full_paths, chunksize=64))
+    return [
+        (relative_path, reason)
+        for relative_path, reason in zip(relative_paths, reasons)
+        if reason is not None
+    ]
