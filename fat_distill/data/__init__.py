@@ -1,0 +1,16 @@
+"""Data: dataset layouts → manifests, synthetic ReID data, label-noise injection, images, P×K sampling."""
+
+from fat_distill.data.image_dataset import ImageDecodeError, ManifestImageDataset, build_label_map, decode_image_file
+from fat_distill.data.images import IMAGE_SUFFIXES, check_image
+from fat_distill.data.layouts import LAYOUTS, DatasetLayoutError, IndexResult, index_dataset
+from fat_distill.data.noise import corrupt_labels, noise_summary, pair_partners
+from fat_distill.data.sampler import IdentityBatchSampler, IdentitySampler
+from fat_distill.data.synth import NuisanceConfig, SynthSummary, generate_synthetic_reid
+from fat_distill.data.transforms import build_transforms
+
+__all__ = [
+    "IMAGE_SUFFIXES", "LAYOUTS", "DatasetLayoutError", "IdentityBatchSampler", "IdentitySampler", "ImageDecodeError",
+    "IndexResult", "ManifestImageDataset", "NuisanceConfig", "SynthSummary", "build_label_map", "build_transforms",
+    "check_image", "corrupt_labels", "decode_image_file", "generate_synthetic_reid", "index_dataset",
+    "noise_summary", "pair_partners",
+]
