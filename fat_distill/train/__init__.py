@@ -1,0 +1,28 @@
+"""Training: device handling, typed config, objectives, the epoch loop with checkpoints and resume."""
+
+from fat_distill.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fat_distill.train.config import TrainConfig
+from fat_distill.train.data import TrainData, build_train_data
+from fat_distill.train.device import DeviceSettings, device_settings, resolve_device
+from fat_distill.train.loop import FitResult, NonFiniteLossError, fit
+from fat_distill.train.objectives import (
+    OBJECTIVES,
+    ClassificationObjective,
+    FATObjective,
+    MetricObjective,
+    Objective,
+    SampleTable,
+    build_objective,
+)
+
+__all__ = [
+    "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "FATObjective", "FitResult",
+    "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable", "TrainConfig", "TrainData",
+    "build_objective", "build_train_data", "device_settings", "fit", "latest_checkpoint", "load_checkpoint",
+    "resolve_device", "save_checkpoint",
+]

@@ -1,0 +1,59 @@
+"""Typed training settings shared by every stage that trains a model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """How one training stage runs. Unknown keys are errors.
+
+    Defaults are sized for the CPU demo (``small_cnn`` at 128×64); the reference
+    ResNet-50 settings of the FAT authors are lr 0.01 backbone / 0.1 head, SGD
+    nesterov, 60 epochs, 384×128 input.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("small_cnn", description="model name in fat_distill.models.MODELS")
+    weights: str | None = Field(None, description="local file with pretrained backbone weights (never downloaded)")
+    embedding_dim: int | None = Field(None, ge=2, description="embedding width; None keeps the backbone's")
+    last_stride: int = Field(1, ge=1, le=2, description="ResNet layer4 stride (1 = Bag-of-Tricks ReID)")
+    image_size: tuple[int, int] = Field((128, 64), description="input (height, width)")
+    epochs: int = Field(10, ge=1)
+    batch_p: int = Field(16, ge=1, description="identities per batch")
+    batch_k: int = Field(4, ge=1, description="images per identity per batch")
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(3.5e-4, gt=0, description="learning rate of the head (and of the backbone × backbone_lr_mult)")
+    backbone_lr_mult: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr × gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup length (epochs, fractional allowed)")
+    warmup_factor: float = Field(0.1, gt=0, le=1, description="lr multiplier at the start of warmup")
+    min_lr_factor: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm at this value")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    amp: bool | None = Field(None, description="mixed precision; None = on for CUDA only")
+    channels_last: bool | None = Field(None, description="None = on for CUDA only")
+    flip_p: float = Field(0.5, ge=0, le=1)
+    random_erasing_p: float = Field(0.5, ge=0, le=1)
+    pad: int = Field(10, ge=0)
+    seed: int = 0
+    keep_checkpoints: int = Field(2, ge=1, description="epoch checkpoints kept on disk (newest)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones (epochs where the lr is multiplied by gamma)")
+        if self.batch_p * self.batch_k < 2:
+            raise ValueError("a batch needs at least 2 images (batch_p × batch_k)")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_p * self.batch_k

@@ -1,0 +1,60 @@
+"""From a manifest frame to what the training loop consumes: datasets, label map, P×K batches."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fat_distill.data.image_dataset import ManifestImageDataset
+from fat_distill.data.sampler import IdentityBatchSampler
+from fat_distill.data.transforms import build_transforms
+from fat_distill.train.config import TrainConfig
+
+
+@dataclass
+class TrainData:
+    """Training images with augmentation, the same images with eval transforms, and the batches."""
+
+    dataset: ManifestImageDataset
+    feature_dataset: ManifestImageDataset
+    batch_sampler: IdentityBatchSampler
+    label_map: dict[Hashable, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_map)
+
+
+def build_train_data(
+    frame: pd.DataFrame,
+    root: str | Path,
+    config: TrainConfig,
+    *,
+    label_column: str = "pid",
+    label_map: Mapping[Hashable, int] | None = None,
+    train_mask: np.ndarray | None = None,
+) -> TrainData:
+    """Datasets and a P×K batch sampler over the rows of ``frame``.
+
+    Args:
+        frame: training rows (sample_id, path, label column), in the order dataset indices follow.
+        root: folder the ``path`` column is relative to.
+        label_column: ``pid`` (given labels) or ``true_pid`` (the oracle).
+        label_map: label → class index; default: built from ``frame`` (sorted labels).
+        train_mask: ``(len(frame),)`` bool: only these rows are sampled (e.g. confident samples).
+    """
+    frame = frame.reset_index(drop=True)
+    train_tf = build_transforms(tuple(config.image_size), train=True, flip_p=config.flip_p, pad=config.pad,
+                                random_erasing_p=config.random_erasing_p)
+    eval_tf = build_transforms(tuple(config.image_size), train=False)
+    dataset = ManifestImageDataset(frame, root, transform=train_tf, label_column=label_column, label_map=label_map)
+    feature_dataset = ManifestImageDataset(frame, root, transform=eval_tf, label_column=label_column,
+                                           label_map=dataset.label_map)
+    sampler = IdentityBatchSampler(dataset.labels, config.batch_p, config.batch_k, seed=config.seed,
+                                   train_mask=train_mask)
+    return TrainData(dataset=dataset, feature_dataset=feature_dataset, batch_sampler=sampler,
+                     label_map=dataset.label_map)

@@ -1,0 +1,303 @@
+"""The one training loop every stage uses: epochs, checkpoints, resume, NaN guard, progress."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fat_distill.config_hash import config_hash
+from fat_distill.data.sampler import IdentityBatchSampler
+from fat_distill.train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fat_distill.train.config import TrainConfig
+from fat_distill.train.device import DeviceSettings
+from fat_distill.train.objectives import Objective
+
+log = logging.getLogger("fat_distill.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names stage, epoch, batch and the last good checkpoint."""
+
+    def __init__(self, stage: str, epoch: int, batch: int, terms: dict[str, float], last_checkpoint: Path | None):
+        self.stage, self.epoch, self.batch, self.last_checkpoint = stage, epoch, batch, last_checkpoint
+        where = f"stage {stage!r}, epoch {epoch + 1}, batch {batch + 1}"
+        ckpt = (f"last good checkpoint: {last_checkpoint}" if last_checkpoint
+                else "no checkpoint yet (it failed in the first epoch)")
+        super().__init__(
+            f"non-finite loss in {where} (terms: {', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); {ckpt}. "
+            "Lower the learning rate, enable grad_clip, or check the inputs; re-running resumes from that checkpoint."
+        )
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: per-epoch history, where the final weights are, and whether it resumed."""
+
+    history: list[dict[str, float]]
+    final_checkpoint: Path
+    resumed_from_epoch: int = 0
+    ran_epochs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_optimizer(model: nn.Module, objective: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    backbone = getattr(model, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad],
+         "lr": config.lr * config.backbone_lr_mult, "name": "backbone"},
+        {"params": [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad],
+         "lr": config.lr, "name": "head"},
+        {"params": [p for p in objective.parameters() if p.requires_grad], "lr": config.lr, "name": "loss"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_multiplier(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step lr multiplier: linear warmup, then cosine / step / constant."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return config.warmup_factor + (1 - config.warmup_factor) * step / max(1, warmup)
+        if config.schedule == "cosine":
+            t = (step - warmup) / max(1, total - warmup)
+            return config.min_lr_factor + (1 - config.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if config.schedule == "step":
+            epoch = step // steps_per_epoch
+            return config.gamma ** sum(epoch >= m for m in config.milestones)
+        return 1.0
+
+    return factor
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.fields[stage]}[/] epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    dataset: Dataset,
+    batch_sampler: IdentityBatchSampler,
+    *,
+    config: TrainConfig,
+    settings: DeviceSettings,
+    checkpoint_dir: str | Path,
+    stage: str,
+    feature_dataset: Dataset | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> FitResult:
+    """Train ``model`` with ``objective`` for ``config.epochs`` epochs, resuming from ``checkpoint_dir``.
+
+    After every epoch a checkpoint (model, objective state such as centres, optimizer,
+    scheduler, sampler and RNG state, history) is written atomically to
+    ``checkpoint_dir/epoch-NNNN.pt``; at the end the weights go to ``final.pt``.
+    Started again with the same ``checkpoint_dir``, ``fit`` continues after the
+    last checkpoint and, on the CPU with a fixed seed, ends with the same weights as
+    an uninterrupted run. A ``final.pt`` made with the same config is taken as done.
+
+    Args:
+        model: an EmbeddingModel (already on ``settings.device``).
+        objective: the training objective (moved to the device here).
+        dataset: training images, yielding ``(image, label, index)``.
+        batch_sampler: P×K batches over ``dataset``.
+        config: the stage's TrainConfig (its hash guards against resuming another config).
+        settings: device, AMP and memory-format choices.
+        checkpoint_dir: where checkpoints go.
+        stage: name used in logs and error messages.
+        feature_dataset: the training set with eval transforms, for objectives that
+            refresh centres from a full feature pass each epoch.
+        on_epoch_end: called with ``(epoch, stats)`` after each epoch's checkpoint.
+        progress: show a Rich progress bar.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (names stage, epoch, batch, last checkpoint).
+        CheckpointError: the checkpoint directory holds a run of another config.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    device = settings.device
+    objective.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    cfg_hash = config_hash(config)
+    final_path = checkpoint_dir / "final.pt"
+    if final_path.exists():
+        state = load_checkpoint(final_path, map_location=device)
+        if state.get("config_hash") == cfg_hash:
+            model.load_state_dict(state["model"])
+            objective.load_state_dict(state["objective"])
+            log.info("%s: already trained (%s), loaded its weights", stage, final_path)
+            return FitResult(history=list(state.get("history", [])), final_checkpoint=final_path,
+                             resumed_from_epoch=config.epochs, ran_epochs=0)
+        raise CheckpointError(f"{final_path} was trained with another config (hash {state.get('config_hash')} "
+                              f"!= {cfg_hash}); delete {checkpoint_dir} or choose another output folder")
+
+    torch.manual_seed(config.seed)
+    optimizer = build_optimizer(model, objective, config)
+    steps_per_epoch = len(batch_sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(f"stage {stage!r}: the sampler yields no batch (too few identities for P={config.batch_p})")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp_dtype == torch.float16)
+
+    start_epoch, history = 0, []
+    last_ckpt = latest_checkpoint(checkpoint_dir)
+    if last_ckpt is not None:
+        state = load_checkpoint(last_ckpt, map_location=device)
+        if state.get("config_hash") != cfg_hash:
+            raise CheckpointError(f"{last_ckpt} belongs to a run with another config (hash {state.get('config_hash')}"
+                                  f" != {cfg_hash}); delete {checkpoint_dir} to start over or restore that config")
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        batch_sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        log.info("%s: resuming after epoch %d from %s", stage, start_epoch, last_ckpt)
+
+    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers,
+                        pin_memory=settings.pin_memory, persistent_workers=False)
+    bar = _progress(console) if progress else None
+    if bar is not None:
+        bar.start()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            batch_sampler.set_epoch(epoch)
+            if objective.needs_feature_pass:
+                _refresh_centres(model, objective, feature_dataset, config, settings, stage)
+            stats = _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings,
+                                 stage, epoch, last_ckpt, bar)
+            history.append(stats)
+            last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), {
+                "epoch": epoch, "config_hash": cfg_hash, "stage": stage,
+                "model": model.state_dict(), "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "sampler": batch_sampler.state_dict(),
+                "rng": rng_state(), "history": history,
+            })
+            _prune_checkpoints(checkpoint_dir, epoch, config.keep_checkpoints)
+            log.info("%s: epoch %d/%d %s", stage, epoch + 1, config.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, stats)
+    finally:
+        if bar is not None:
+            bar.stop()
+    save_checkpoint(final_path, {"config_hash": cfg_hash, "stage": stage, "model": model.state_dict(),
+                                 "objective": objective.state_dict(), "history": history})
+    log.info("%s: trained %d epoch(s), weights in %s", stage, config.epochs - start_epoch, final_path)
+    return FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
+                     ran_epochs=config.epochs - start_epoch)
+
+
+def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings, stage, epoch,
+                 last_ckpt, bar) -> dict[str, float]:
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    seen, started = 0, time.perf_counter()
+    task = None
+    if bar is not None:
+        task = bar.add_task("train", total=len(loader), stage=stage, epoch=f"{epoch + 1}/{config.epochs}", metrics="")
+    for batch_index, (images, labels, indices) in enumerate(loader):
+        images = settings.to_device(images)
+        labels = labels.to(settings.device, non_blocking=settings.non_blocking)
+        indices = indices.to(settings.device, non_blocking=settings.non_blocking)
+        with settings.autocast():
+            output = model(images)
+        out = objective.compute(output, labels, indices)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(stage, epoch, batch_index, {k: float(v) for k, v in out.terms.items()},
+                                     last_ckpt)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        if config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        objective.after_step(output, labels, indices)
+        n = images.shape[0]
+        seen += n
+        sums["loss"] += float(out.loss.detach()) * n
+        sums["active_fraction"] += float(out.active_fraction) * n
+        for name, value in {**out.terms, **out.stats}.items():
+            sums[name] += float(value) * n
+        if bar is not None:
+            rate = seen / max(1e-9, time.perf_counter() - started)
+            bar.update(task, advance=1, metrics=f"loss {sums['loss'] / seen:.3f} · {rate:.0f} img/s")
+    if bar is not None:
+        bar.remove_task(task)
+    elapsed = time.perf_counter() - started
+    stats = {k: v / max(1, seen) for k, v in sums.items()}
+    stats.update({"images_per_s": seen / max(1e-9, elapsed), "seconds": elapsed,
+                  "lr": optimizer.param_groups[-1]["lr"]})
+    return stats
+
+
+@torch.no_grad()
+def _refresh_centres(model, objective, feature_dataset, config, settings, stage) -> None:
+    if feature_dataset is None:
+        raise ValueError(f"stage {stage!r}: epoch-refreshed centres need feature_dataset (the train set, eval transforms)")
+    model.eval()
+    loader = DataLoader(feature_dataset, batch_size=max(64, config.batch_size), shuffle=False,
+                        num_workers=config.num_workers, pin_memory=settings.pin_memory)
+    feats: dict[str, list[torch.Tensor]] = defaultdict(list)
+    labels_all, indices_all = [], []
+    for images, labels, indices in loader:
+        with settings.autocast():
+            out = model(settings.to_device(images))
+        for name, o in (out.branches or {"": out}).items():
+            feats[name].append(o.features.float())
+        labels_all.append(labels.to(settings.device))
+        indices_all.append(indices.to(settings.device))
+    objective.refresh({k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels_all), torch.cat(indices_all))
+    model.train()
+
+
+def _prune_checkpoints(directory: Path, newest: int, keep: int) -> None:
+    for epoch in range(newest - keep, -1, -1):
+        path = checkpoint_path(directory, epoch)
+        if not path.exists():
+            break
+        path.unlink()
