@@ -1,0 +1,51 @@
+"""Label-noise distillation (SPEC §1.2): teacher rounds, confidence scoring, soft labels, student and baselines.
+
+Functions over arrays (:func:`score_confidence`, :func:`soft_labels_from_logits`)
+and over manifests (:func:`run_teacher`, :func:`make_soft_labels`,
+:func:`train_student`, :func:`evaluate_student`, :func:`evaluate_noise_detection`);
+the Prefect flows only call these.
+"""
+
+from fat_distill.distill.confidence import (
+    CONFIDENCE_RULES,
+    ConfidenceScores,
+    confident_set_change,
+    gmm_clean_posterior,
+    score_confidence,
+)
+from fat_distill.distill.config import STUDENT_METHODS, StudentConfig, TeacherConfig
+from fat_distill.distill.noise_report import evaluate_noise_detection
+from fat_distill.distill.soft_labels import (
+    make_soft_labels,
+    soft_labels_from_logits,
+    soft_labels_from_probs,
+    soft_targets_for,
+)
+from fat_distill.distill.student import (
+    StudentResult,
+    evaluate_student,
+    student_label_map,
+    student_training_rows,
+    train_student,
+)
+from fat_distill.distill.teacher import (
+    TeacherResult,
+    assign_folds,
+    fold_dir,
+    fold_train_mask,
+    round_dir,
+    round_manifest_path,
+    run_teacher,
+    run_teacher_fold,
+    run_teacher_round,
+    teacher_checkpoints,
+)
+
+__all__ = [
+    "CONFIDENCE_RULES", "STUDENT_METHODS", "ConfidenceScores", "StudentConfig", "StudentResult", "TeacherConfig",
+    "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection", "evaluate_student",
+    "fold_dir", "fold_train_mask", "gmm_clean_posterior", "make_soft_labels", "round_dir", "round_manifest_path",
+    "run_teacher", "run_teacher_fold", "run_teacher_round", "score_confidence", "soft_labels_from_logits",
+    "soft_labels_from_probs", "soft_targets_for", "student_label_map", "student_training_rows",
+    "teacher_checkpoints", "train_student",
+]

@@ -1,0 +1,212 @@
+"""What the teacher and student stages share: reading the dataset manifest, building models,
+predicting logits, and guarding output folders against runs of another configuration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fat_distill.manifests import ManifestError, ManifestMeta, read_manifest, read_manifest_meta
+from fat_distill.models import EmbeddingModel, build_model
+from fat_distill.train import CheckpointError, DeviceSettings, TrainConfig, device_settings, resolve_device
+
+log = logging.getLogger("fat_distill.distill")
+
+DISTRACTOR_PID = 0
+STAGE_MARKER = "stage.json"
+
+
+@dataclass
+class DatasetInput:
+    """A validated ``dataset`` manifest with the folder its image paths are relative to."""
+
+    path: Path
+    frame: pd.DataFrame
+    root: Path
+    meta: ManifestMeta
+
+    @property
+    def content_hash(self) -> str:
+        return self.meta.content_hash or ""
+
+
+def load_dataset(path: str | os.PathLike) -> DatasetInput:
+    """Read a ``dataset`` manifest and resolve ``extra["dataset_root"]``.
+
+    A relative root is taken relative to the manifest's folder.
+
+    Raises:
+        ManifestError: the manifest is missing or invalid.
+        ValueError: the manifest records no dataset root, or the root is not a folder.
+    """
+    path = Path(path)
+    frame = read_manifest(path, "dataset")
+    meta: ManifestMeta = frame.attrs["manifest"]
+    root = meta.extra.get("dataset_root")
+    if not root:
+        raise ValueError(f"{path}: the dataset manifest records no extra['dataset_root'], so its image paths "
+                         "cannot be resolved; re-create it with `fat-distill data index`")
+    root = Path(root)
+    if not root.is_absolute():
+        root = path.parent / root
+    if not root.is_dir():
+        raise ValueError(f"{path}: dataset root {str(root)!r} is not a folder; move the images back or "
+                         "re-index the dataset where they are now")
+    return DatasetInput(path=path, frame=frame, root=root, meta=meta)
+
+
+def train_rows(frame: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The rows the teacher and student train on: split "train", distractors (pid 0) left out."""
+    train = frame[frame["split"] == "train"]
+    distractors = int((train["pid"] == DISTRACTOR_PID).sum())
+    if distractors:
+        log.info("%s: %d train row(s) with pid 0 (distractors) are not trained on", where, distractors)
+        train = train[train["pid"] != DISTRACTOR_PID]
+    if train.empty:
+        raise ValueError(f"{where}: the dataset manifest has no train rows with an identity (pid > 0)")
+    return train.reset_index(drop=True)
+
+
+def stage_settings(device: str | torch.device | None, config: TrainConfig) -> DeviceSettings:
+    return device_settings(resolve_device(device), amp=config.amp, channels_last=config.channels_last)
+
+
+def new_model(config: TrainConfig, num_classes: int, settings: DeviceSettings, *,
+              pretrained: bool = True) -> EmbeddingModel:
+    """A freshly initialised model on the stage's device.
+
+    The initialisation is seeded by ``config.seed`` without touching the caller's
+    random state. ``pretrained=False`` skips ``config.weights`` (for a model whose
+    whole state is about to be loaded from a checkpoint).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, num_classes, embedding_dim=config.embedding_dim,
+                            weights=config.weights if pretrained else None, last_stride=config.last_stride)
+    return model.to(settings.device)
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike, device: torch.device) -> nn.Module:
+    """Load the ``model`` entry of a training checkpoint (``final.pt``) into ``model``."""
+    from fat_distill.train import load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location=device)
+    if "model" not in state:
+        raise CheckpointError(f"{checkpoint} holds no 'model' weights; pass a final.pt written by training")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint} does not fit the model built from the config ({exc}); "
+                              "was it trained with another model, embedding_dim or label set?") from exc
+    return model
+
+
+def load_model(config: TrainConfig, num_classes: int, checkpoint: str | os.PathLike,
+               settings: DeviceSettings) -> EmbeddingModel:
+    """The model ``config`` describes, with the weights of a training checkpoint, on the stage's device."""
+    return load_weights(new_model(config, num_classes, settings, pretrained=False), checkpoint, settings.device)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, dataset: Dataset, settings: DeviceSettings, *, batch_size: int = 128,
+                   num_workers: int = 0, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Classifier logits of ``dataset`` (eval transforms, no flip), in dataset order.
+
+    Runs in float32 even where training used mixed precision: bf16 logits carry
+    about 3 significant digits, too coarse for probabilities compared against a
+    threshold or fitted by a mixture.
+
+    Args:
+        dataset: yields ``(image, label, index)``.
+        indices: only these dataset indices (default: all).
+
+    Returns:
+        ``(N, C)`` float32 logits (N = ``len(indices)`` or ``len(dataset)``).
+    """
+    if indices is not None:
+        dataset = Subset(dataset, [int(i) for i in indices])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=settings.pin_memory)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for images, _, _ in loader:
+        out = model(settings.to_device(images))
+        if out.logits is None:
+            raise ValueError("predicting class probabilities needs a classifier, but the model has num_classes=0")
+        chunks.append(out.logits.float().cpu())
+    model.train(was_training)
+    if not chunks:
+        return np.zeros((0, getattr(model, "num_classes", 0)), dtype=np.float32)
+    return torch.cat(chunks).numpy()
+
+
+def align_to_rows(manifest: pd.DataFrame, train: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """``manifest[column]`` in the order of ``train``'s sample_ids (every train row must be present)."""
+    indexed = manifest.set_index("sample_id")[column]
+    missing = ~train["sample_id"].isin(indexed.index)
+    if missing.any():
+        first = train["sample_id"][missing].iloc[0]
+        raise ManifestError(path, f"lacks {int(missing.sum())} train sample(s) of the dataset, first {first!r}; "
+                                  "it was made from another dataset manifest", column="sample_id")
+    return indexed.loc[train["sample_id"]].to_numpy()
+
+
+def label_map_inverse(label_map: Mapping[Hashable, int]) -> np.ndarray:
+    """``(C,)`` int64 array: class index → label (pid)."""
+    inverse = np.empty(len(label_map), dtype=np.int64)
+    for label, index in label_map.items():
+        inverse[index] = int(label)
+    return inverse
+
+
+def claim_directory(directory: Path, key: Mapping[str, Any], what: str) -> None:
+    """Mark ``directory`` as holding the checkpoints of the run identified by ``key``.
+
+    ``fit`` resumes from whatever checkpoints a folder holds when the training
+    settings match, but it cannot see what the stage trained *on* (the confident
+    set, the soft labels): this marker, written before training, makes a folder
+    left by another configuration or input an error instead of a silent resume.
+
+    Raises:
+        CheckpointError: the folder holds a run with another key, or checkpoints without a marker.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / STAGE_MARKER
+    key = json.loads(json.dumps(dict(key), sort_keys=True, default=str))
+    if marker.exists():
+        try:
+            found = json.loads(marker.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{marker} is damaged ({exc}); delete {directory} to retrain {what}") from exc
+        if found != key:
+            differ = sorted(k for k in set(found) | set(key) if found.get(k) != key.get(k))
+            raise CheckpointError(
+                f"{directory} holds {what} of another configuration or input (differs in {differ}); "
+                f"delete {directory} to retrain it, or choose another output folder")
+        return
+    if any(directory.glob("*.pt")):
+        raise CheckpointError(f"{directory} holds checkpoints but no {STAGE_MARKER}, so it cannot tell which "
+                              f"run they belong to; delete {directory} to retrain {what}")
+    tmp = directory / f".{STAGE_MARKER}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(key, sort_keys=True, indent=1))
+    os.replace(tmp, marker)
+
+
+def manifest_hash(path: str | os.PathLike | None) -> str | None:
+    """The content hash recorded in a manifest's metadata (None for no manifest)."""
+    if path is None:
+        return None
+    return read_manifest_meta(path).content_hash

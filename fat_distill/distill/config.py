@@ -1,0 +1,125 @@
+"""Typed settings of the teacher and student stages (one pydantic object per stage).
+
+Both are plain pydantic models with ``extra="forbid"`` so a misspelt YAML key
+(``teacher.round: 3``) is an error before any work starts. Their JSON is part of
+each stage's cache key (:func:`fat_distill.config_hash.config_hash`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fat_distill.config_hash import config_hash
+from fat_distill.train import TrainConfig
+
+STUDENT_METHODS = ("distilled", "ce", "ce_triplet", "fat_hybrid_noisy", "oracle")
+
+# Teacher fields that do not change what a given round computes: changing them
+# keeps the rounds already done (e.g. raising `rounds` from 2 to 3 reuses 0 and 1).
+_NOT_PER_ROUND = {"rounds", "tolerance", "temperature", "top_k"}
+# Student fields used only by evaluate_student: changing them does not retrain.
+_EVALUATION_ONLY = {"flip_test", "distance"}
+
+
+def _teacher_train_default() -> TrainConfig:
+    # The paper trains the teacher 5 epochs per round.
+    return TrainConfig(epochs=5)
+
+
+class TeacherConfig(BaseModel):
+    """The teacher's rounds: E epochs of CE (``train.epochs``), confidence, retrain on the confident set.
+
+    Round 0 trains on every train row with its given label; round r >= 1 on the
+    rows confident after round r−1. The rounds stop after ``rounds`` or as soon as
+    the confident set changes by at most ``tolerance`` (fraction of samples).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=_teacher_train_default,
+                               description="training of one round; epochs = E (paper: 5)")
+    rounds: int = Field(3, ge=1, description="at most this many rounds (round 0 included)")
+    rule: Literal["gmm", "threshold", "quantile"] = Field(
+        "gmm", description="confidence rule: 2-component GMM on the loss, absolute p(given) >= threshold, "
+                           "or per-identity quantile")
+    threshold: float = Field(0.5, gt=0, le=1, description="rule 'threshold': confident iff p(given) >= this")
+    quantile: float = Field(0.2, ge=0, lt=1, description="rule 'quantile': fraction dropped per identity")
+    min_confident_per_identity: int = Field(
+        2, ge=0, description="every identity keeps at least this many confident samples (0 = off)")
+    retrain: Literal["fresh", "continue"] = Field(
+        "fresh", description="each round starts from a new model, or from the previous round's weights")
+    scoring: Literal["in_sample", "oof"] = Field(
+        "in_sample", description="score with the round's model (in_sample) or with K fold models, each "
+                                 "scoring the samples it did not train on (oof)")
+    folds: int = Field(2, ge=2, description="K of out-of-fold scoring")
+    tolerance: float = Field(0.01, ge=0, le=1,
+                             description="stop when at most this fraction of confident flags changes")
+    temperature: float = Field(1.0, gt=0, description="T of the soft labels: softmax(logits / T)")
+    top_k: int = Field(5, ge=1, description="soft labels keep the k most probable identities")
+
+    def round_hash(self) -> str:
+        """Hash of the fields that determine what every round computes (its manifests' config hash)."""
+        return config_hash(self.model_dump(mode="json", exclude=_NOT_PER_ROUND))
+
+    def soft_labels_hash(self) -> str:
+        """Hash of what the soft labels depend on: the rounds' settings plus T and k."""
+        return config_hash(self.model_dump(mode="json", exclude={"tolerance"}))
+
+
+class StudentConfig(BaseModel):
+    """The student (``distilled``) and the baselines, all trained and evaluated by the same code.
+
+    Methods:
+        distilled: hybrid normalised FAT + soft cross-entropy on the teacher's soft
+            labels; only confident samples build centres (needs a soft_labels manifest).
+        ce: cross-entropy on the given labels (label-smoothed when ``smoothing > 0``).
+        ce_triplet: label-smoothed CE + batch-hard triplet on the given labels
+            (the Bag-of-Tricks ReID baseline).
+        fat_hybrid_noisy: hybrid normalised FAT + CE on the given (noisy) labels,
+            every sample a centre contributor: FAT without distillation.
+        oracle: ``oracle_objective`` on ``true_pid`` (needs the ground truth);
+            ``multi`` duplicate rows are dropped (under true labels they repeat a clean row).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: Literal["distilled", "ce", "ce_triplet", "fat_hybrid_noisy", "oracle"] = "distilled"
+    oracle_objective: Literal["fat_hybrid", "ce_triplet"] = Field(
+        "fat_hybrid", description="objective of the oracle; fat_hybrid isolates the effect of the labels "
+                                  "from that of the loss when compared with 'distilled'")
+    label_source: Literal["given", "teacher"] = Field(
+        "given", description="distilled: the hard label FAT and the P×K sampler use: the given label, or "
+                             "the teacher's most probable identity (top-1 soft label)")
+    ce_weight: float = Field(1.0, ge=0, description="λ_ce of the hybrid and ce_triplet losses")
+    smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of hard-label cross-entropy")
+    fat_margin: float = Field(0.1, gt=0, description="margin of normalised FAT")
+    fat_aggregation: Literal["hardest", "mean", "topk"] = "hardest"
+    fat_cohesion: Literal["max_radius", "mean"] = "mean"
+    fat_cohesion_weight: float = Field(0.1, ge=0)
+    centre_update: Literal["ema", "epoch"] = Field(
+        "ema", description="centres as an EMA bank updated each batch, or refreshed by a pass each epoch")
+    centre_momentum: float = Field(0.9, ge=0, lt=1)
+    triplet_margin: float | Literal["soft"] = Field(0.3, description="batch-hard triplet margin or 'soft'")
+    flip_test: bool = Field(True, description="average the features of each image and its mirror image")
+    distance: Literal["cosine", "euclidean"] = "cosine"
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentConfig:
+        if isinstance(self.triplet_margin, float) and self.triplet_margin <= 0:
+            raise ValueError("triplet_margin must be > 0 or 'soft'")
+        return self
+
+    def training_hash(self) -> str:
+        """Hash of the fields that change the trained weights (not the evaluation-only ones)."""
+        return config_hash(self.model_dump(mode="json", exclude=_EVALUATION_ONLY))
+
+    @property
+    def objective(self) -> str:
+        """The ``build_objective`` name this method trains with."""
+        if self.method == "oracle":
+            return self.oracle_objective
+        return {"distilled": "fat_hybrid", "ce": "ce", "ce_triplet": "ce_triplet",
+                "fat_hybrid_noisy": "fat_hybrid"}[self.method]

@@ -1,0 +1,231 @@
+"""The student and its baselines: trained by one function, evaluated on query/gallery by another.
+
+``method`` picks what the student learns from (see
+:class:`~fat_distill.distill.config.StudentConfig`): the teacher's soft labels
+(``distilled``), or the given labels with CE, CE + batch-hard triplet or hybrid
+FAT (the baselines), or the true labels (``oracle``). Everything else — model,
+sampler, optimiser, schedule, evaluation — is shared, so the methods differ
+only in their labels and loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fat_distill.config_hash import config_hash
+from fat_distill.data.image_dataset import build_label_map
+from fat_distill.distill._common import (
+    claim_directory,
+    load_dataset,
+    load_model,
+    manifest_hash,
+    new_model,
+    stage_settings,
+    train_rows,
+)
+from fat_distill.distill.config import StudentConfig
+from fat_distill.distill.soft_labels import soft_targets_for
+from fat_distill.manifests import parent_ref, read_manifest, write_manifest
+from fat_distill.train import build_objective, build_train_data, fit
+
+log = logging.getLogger("fat_distill.distill")
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class StudentResult:
+    """A trained student or baseline.
+
+    Attributes:
+        checkpoint: its ``final.pt`` (model and objective state).
+        label_map: ``{pid: class index}`` of its classifier (``true_pid`` for the oracle).
+        history: per-epoch training statistics from :func:`fat_distill.train.fit`.
+        method: the :class:`StudentConfig` method.
+    """
+
+    checkpoint: Path
+    label_map: dict[Hashable, int]
+    history: list[dict[str, float]]
+    method: str
+
+
+def student_training_rows(frame: pd.DataFrame, config: StudentConfig) -> tuple[pd.DataFrame, str]:
+    """The train rows a method trains on, and the column holding their labels.
+
+    Every method uses the train rows with an identity (pid > 0) and their given
+    ``pid``, except the oracle: it uses ``true_pid`` and drops ``multi`` duplicate
+    rows (under the true label each repeats a clean row of the same image).
+
+    Raises:
+        ValueError: the oracle on a manifest without ``true_pid`` (or with missing values).
+    """
+    where = f"student.{config.method}"
+    train = train_rows(frame, where)
+    if config.method != "oracle":
+        return train, "pid"
+    if "true_pid" not in train.columns or train["true_pid"].isna().any():
+        what = "has no true_pid column" if "true_pid" not in train.columns else (
+            f"lacks true_pid on {int(train['true_pid'].isna().sum())} train row(s)")
+        raise ValueError(f"{where}: the oracle trains on the true labels, but the dataset manifest {what}; "
+                         "use a manifest made by `fat-distill data corrupt` (it records the truth) or pick "
+                         "another method")
+    if "noise_kind" in train.columns:
+        train = train[train["noise_kind"].fillna("clean") != "multi"].reset_index(drop=True)
+    train = train.assign(true_pid=train["true_pid"].astype(np.int64))
+    return train, "true_pid"
+
+
+def student_label_map(frame: pd.DataFrame, config: StudentConfig) -> dict[Hashable, int]:
+    """``{label: class index}`` of a method's classifier, rebuilt from the dataset manifest frame."""
+    train, column = student_training_rows(frame, config)
+    return build_label_map(train[column])
+
+
+def _soft_inputs(soft_labels_manifest: PathLike, train: pd.DataFrame, label_map: dict, config: StudentConfig):
+    soft = read_manifest(soft_labels_manifest, "soft_labels")
+    ids, probs = soft_targets_for(soft, train["sample_id"].tolist(), label_map)
+    indexed = soft.set_index("sample_id").loc[train["sample_id"]]
+    confident = torch.from_numpy(indexed["confident"].to_numpy(dtype=bool).copy())
+    if config.label_source == "teacher":
+        # Top-1 of the soft labels (rows are sorted by probability); pids outside the map fall back to the given one.
+        top1 = np.array([int(v[0]) for v in indexed["topk_ids"]], dtype=np.int64)
+        known = np.array([p in label_map for p in top1.tolist()])
+        train = train.assign(teacher_pid=np.where(known, top1, train["pid"].to_numpy()))
+    if not bool(confident.any()):
+        raise ValueError(f"{soft_labels_manifest}: no sample is confident, so no FAT centre can be built; "
+                         "relax the teacher's confidence rule")
+    return train, ids, probs, confident
+
+
+def train_student(
+    dataset_manifest: PathLike,
+    config: StudentConfig,
+    out_dir: PathLike,
+    device: str | torch.device | None = "auto",
+    *,
+    soft_labels_manifest: PathLike | None = None,
+    progress: bool = False,
+) -> StudentResult:
+    """Train the student (``distilled``) or a baseline on the train split of a ``dataset`` manifest.
+
+    Checkpoints go to ``out_dir`` (epoch files, ``final.pt``, ``stage.json``); a killed
+    run resumes from the last epoch and a finished one is loaded, not retrained. A
+    folder holding a run of another method, config or input is refused.
+
+    Args:
+        dataset_manifest: the ``dataset`` manifest (noisy ``pid``; ``true_pid`` for the oracle).
+        config: the student's settings; ``config.method`` picks the method.
+        out_dir: checkpoint folder of this method.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
+        soft_labels_manifest: the teacher's ``soft_labels`` manifest; required for
+            ``distilled``, refused for the other methods (they do not use it).
+        progress: show training progress bars.
+
+    Returns:
+        :class:`StudentResult`.
+    """
+    method = config.method
+    stage = f"student.{method}"
+    if method == "distilled" and soft_labels_manifest is None:
+        raise ValueError(f"{stage}: the distilled student learns from the teacher's soft labels; pass "
+                         "soft_labels_manifest (made by make_soft_labels)")
+    if method != "distilled" and soft_labels_manifest is not None:
+        raise ValueError(f"{stage}: method {method!r} trains on hard labels and would ignore soft_labels_manifest; "
+                         "use method='distilled' or drop the argument")
+    dataset = load_dataset(dataset_manifest)
+    train, label_column = student_training_rows(dataset.frame, config)
+    label_map = build_label_map(train[label_column])
+    hard_target = "smooth" if config.smoothing > 0 else "hard"
+    soft_ids = soft_probs = confident = None
+    if method == "distilled":
+        train, soft_ids, soft_probs, confident = _soft_inputs(soft_labels_manifest, train, label_map, config)
+        if config.label_source == "teacher":
+            label_column = "teacher_pid"
+
+    out_dir = Path(out_dir)
+    claim_directory(out_dir, {"stage": stage, "config": config.training_hash(), "dataset": dataset.content_hash,
+                              "soft_labels": manifest_hash(soft_labels_manifest)}, stage)
+    settings = stage_settings(device, config.train)
+    data = build_train_data(train, dataset.root, config.train, label_column=label_column, label_map=label_map)
+    model = new_model(config.train, data.num_classes, settings)
+    objective = build_objective(
+        config.objective, model=model, num_classes=data.num_classes, num_samples=len(data.dataset),
+        image_size=tuple(config.train.image_size), soft_ids=soft_ids, soft_probs=soft_probs, confident=confident,
+        smoothing=config.smoothing, ce_weight=config.ce_weight, triplet_margin=config.triplet_margin,
+        fat_margin=config.fat_margin, fat_aggregation=config.fat_aggregation, fat_cohesion=config.fat_cohesion,
+        fat_cohesion_weight=config.fat_cohesion_weight, centre_update=config.centre_update,
+        centre_momentum=config.centre_momentum, target="soft" if method == "distilled" else hard_target,
+    )
+    result = fit(model, objective, data.dataset, data.batch_sampler, config=config.train, settings=settings,
+                 checkpoint_dir=out_dir, stage=stage, feature_dataset=data.feature_dataset, progress=progress)
+    return StudentResult(checkpoint=result.final_checkpoint, label_map=data.label_map, history=result.history,
+                         method=method)
+
+
+def evaluate_student(
+    dataset_manifest: PathLike,
+    checkpoint: PathLike,
+    config: StudentConfig,
+    out_path: PathLike,
+    device: str | torch.device | None = "auto",
+    plots_dir: PathLike | None = None,
+) -> Path:
+    """Rank the gallery for every query with a trained student and write a ``metrics`` manifest.
+
+    Features are the model's BNNeck embeddings (flip-averaged when
+    ``config.flip_test``), ranked by ``config.distance`` under the Market-1501
+    protocol (:func:`fat_distill.evaluate.evaluate_retrieval`). The manifest has
+    stage ``student.<method>`` and metrics rank1, rank5, rank10, mAP, mINP,
+    num_valid_queries, num_queries; ``plots_dir`` gets ``cmc_<method>.png``.
+
+    Args:
+        dataset_manifest: the ``dataset`` manifest with query and gallery rows.
+        checkpoint: the student's ``final.pt`` (``StudentResult.checkpoint``).
+        config: the settings it was trained with (model, image size, method).
+        out_path: the ``metrics`` manifest to write.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
+        plots_dir: where to write the CMC plot (None: no plot).
+
+    Returns:
+        ``out_path``.
+    """
+    from fat_distill.evaluate import evaluate_retrieval, extract_manifest_features, plot_cmc
+
+    stage = f"student.{config.method}"
+    dataset = load_dataset(dataset_manifest)
+    frame = dataset.frame
+    query = frame[frame["split"] == "query"].reset_index(drop=True)
+    gallery = frame[frame["split"] == "gallery"].reset_index(drop=True)
+    if query.empty or gallery.empty:
+        raise ValueError(f"{stage}: {dataset.path} has {len(query)} query and {len(gallery)} gallery rows; "
+                         "retrieval evaluation needs both")
+    settings = stage_settings(device, config.train)
+    model = load_model(config.train, len(student_label_map(frame, config)), checkpoint, settings)
+    batch_size = max(64, config.train.batch_size)
+    features = [extract_manifest_features(model, part, dataset.root, image_size=tuple(config.train.image_size),
+                                          batch_size=batch_size, device=settings.device,
+                                          num_workers=config.train.num_workers, flip=config.flip_test)
+                for part in (query, gallery)]
+    result = evaluate_retrieval(features[0], features[1], query["pid"].to_numpy(dtype=np.int64, copy=True),
+                                gallery["pid"].to_numpy(dtype=np.int64, copy=True),
+                                query["camid"].to_numpy(dtype=np.int64, copy=True),
+                                gallery["camid"].to_numpy(dtype=np.int64, copy=True), metric=config.distance)
+    values = result.as_dict()
+    metrics = pd.DataFrame({"stage": stage, "metric": list(values), "value": [float(v) for v in values.values()]})
+    out_path = Path(out_path)
+    write_manifest(metrics, out_path, "metrics", stage=stage, config_hash=config_hash(config),
+                   parents=[parent_ref(dataset.path)], extra={"checkpoint": str(checkpoint)})
+    if plots_dir is not None:
+        plot_cmc({config.method: result}, Path(plots_dir) / f"cmc_{config.method}.png")
+    log.info("%s: rank-1 %.1f%%, mAP %.1f%% (%d valid queries)", stage, 100 * result.rank1, 100 * result.mAP,
+             result.num_valid_queries)
+    return out_path
