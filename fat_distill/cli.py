@@ -337,8 +337,9 @@ def manifest_diff(
     console.print(t)
 
 
-def main() -> None:  # pragma: no cover - console-script shim
-    app()
+from fat_distill.cli_pipeline import register as _register_pipeline_commands  # noqa: E402
+
+_register_pipeline_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

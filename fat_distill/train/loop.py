@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.errors import LiveError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -199,7 +200,10 @@ def fit(
                         pin_memory=settings.pin_memory, persistent_workers=False)
     bar = _progress(console) if progress else None
     if bar is not None:
-        bar.start()
+        try:
+            bar.start()
+        except LiveError:  # another stage in this process already shows a live display
+            bar = None
     try:
         for epoch in range(start_epoch, config.epochs):
             batch_sampler.set_epoch(epoch)

@@ -1,0 +1,290 @@
+"""Pipeline commands of the ``fat-distill`` CLI: run, demo, resume, sweep, runs, inspect, config.
+
+``runs`` and ``inspect`` read run folders only (no Prefect, no torch), so they answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+STATE_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "running": "yellow",
+               "submitted": "dim", "completed": "green", "interrupted": "yellow"}
+
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override a config value, e.g. --set teacher.rounds=3 (repeatable).")]
+RunsRootOption = Annotated[Path, typer.Option(help="Folder holding the run folders.")]
+
+
+def _fail(exc: BaseException, hint: str | None = None) -> None:
+    import os
+
+    if os.environ.get("FAT_DISTILL_DEBUG"):
+        raise exc
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    if hint:
+        err_console.print(hint, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _load(config_path: Path | None, overrides: list[str] | None, *, demo: bool = False):
+    from fat_distill.pipeline import PipelineConfig, apply_overrides, demo_config, load_config, validate_config
+
+    if demo and config_path is None:
+        data = apply_overrides(demo_config().model_dump(mode="json"), overrides or [])
+        return validate_config(PipelineConfig, data, "the demo config" + (f" with {overrides}" if overrides else ""))
+    return load_config(PipelineConfig, config_path, overrides or [])
+
+
+def _execute(config, *, run_id: str | None = None, resume: bool = False, direct: bool = False) -> None:
+    from fat_distill.pipeline import new_run_id
+    from fat_distill.pipeline.overrides import ConfigError
+
+    run_id = run_id or new_run_id(config.run.name)
+    console.print(f"run [bold]{run_id}[/] — manifests → {config.run.manifests_root}/{run_id}, "
+                  f"checkpoints, plots and logs → {config.run.runs_root}/{run_id}", highlight=False)
+    started = time.perf_counter()
+    try:
+        if direct:
+            from fat_distill.pipeline import run_direct
+
+            run_id, summary = run_direct(config, run_id)
+        else:
+            from flows.environment import configure_prefect
+
+            configure_prefect(Path(config.run.runs_root).parent / ".prefect")
+            from flows.pipeline import run_pipeline
+
+            run_id, summary = run_pipeline(config, run_id, resume=resume)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        _show_stages(Path(config.run.runs_root) / run_id)
+        _fail(exc, f"fix the cause, then continue with: fat-distill resume {run_id}")
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; continue with: fat-distill resume {run_id}")
+        raise typer.Exit(code=130)
+    _show_stages(Path(config.run.runs_root) / run_id)
+    _show_metrics(summary)
+    console.print(f"done in {time.perf_counter() - started:.0f}s — run {run_id}; "
+                  f"inspect with: fat-distill inspect {run_id}", highlight=False)
+
+
+def _show_stages(run_dir: Path) -> None:
+    from fat_distill.pipeline.runs import load_run_json
+
+    data = load_run_json(run_dir) if run_dir.exists() else None
+    if not data:
+        return
+    t = Table(title=f"stages of {data['run_id']}")
+    for col in ("stage", "state", "seconds", "device", "why"):
+        t.add_column(col, overflow="fold")
+    for name, entry in data.get("stages", {}).items():
+        state = entry.get("state", "?")
+        t.add_row(name, f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(entry.get("seconds", "")),
+                  str(entry.get("device", "")), str(entry.get("why") or entry.get("error") or ""))
+    console.print(t)
+
+
+def _show_metrics(summary: dict[str, Any]) -> None:
+    t = Table(title="retrieval (query vs gallery)")
+    for col in ("method", "rank-1", "rank-5", "mAP", "mINP"):
+        t.add_column(col, justify="right" if col != "method" else "left")
+    for method, m in summary.get("retrieval", {}).items():
+        t.add_row(method, *(f"{100 * m.get(k, float('nan')):.1f}" for k in ("rank1", "rank5", "mAP", "mINP")))
+    console.print(t)
+    det = summary.get("noise_detection", {})
+    if det:
+        parts = [f"{k.split('.', 1)[1]} {v:.3f}" for k, v in det.items()
+                 if v is not None and k.split(".", 1)[1] in ("precision", "recall", "f1", "auroc")]
+        console.print("noise detection of the final teacher round: " + ", ".join(parts), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    config_app = typer.Typer(help="Show configs: the defaults, the demo, or a file with overrides applied.",
+                             no_args_is_help=True)
+    app.add_typer(config_app, name="config")
+
+    @app.command("run")
+    def run(
+        config: Annotated[Optional[Path], typer.Argument(help="YAML config (default: built-in defaults).")] = None,
+        overrides: SetOption = None,
+        direct: Annotated[bool, typer.Option(help="Run the stages in this process without Prefect (no cache).")] = False,
+    ) -> None:
+        """Run the pipeline: data → noise → teacher rounds → soft labels → student + baselines → evaluation.
+
+        Embedded Prefect by default (no server to start); with PREFECT_API_URL set the run reports to that
+        server. Finished stages with unchanged inputs, config and code are taken from cache.
+        """
+        from fat_distill.pipeline.overrides import ConfigError
+
+        try:
+            cfg = _load(config, overrides)
+        except ConfigError as exc:
+            _fail(exc)
+        _execute(cfg, direct=direct)
+
+    @app.command("demo")
+    def demo(
+        overrides: SetOption = None,
+        direct: Annotated[bool, typer.Option(help="Run without Prefect.")] = False,
+    ) -> None:
+        """Synthesise a noisy dataset and run the whole pipeline with small_cnn on the CPU (a few minutes)."""
+        from fat_distill.pipeline.overrides import ConfigError
+
+        try:
+            cfg = _load(None, overrides, demo=True)
+        except ConfigError as exc:
+            _fail(exc)
+        _execute(cfg, direct=direct)
+
+    @app.command("resume")
+    def resume(
+        run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix) of a failed or killed run.")],
+        runs_root: RunsRootOption = Path("runs"),
+    ) -> None:
+        """Continue a run with its saved config: finished stages from cache, the interrupted one from its
+        last epoch checkpoint."""
+        from fat_distill.pipeline.overrides import ConfigError
+        from fat_distill.pipeline.runs import find_run
+
+        try:
+            run_dir = find_run(runs_root, run_id)
+            cfg = _load(run_dir / "config.yaml", [])
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            _fail(exc)
+        _execute(cfg, run_id=run_dir.name, resume=True)
+
+    @app.command("sweep")
+    def sweep(
+        config: Annotated[Optional[Path], typer.Argument(help="Base YAML config (default: the demo config).")] = None,
+        grid: Annotated[list[str], typer.Option(help="KEY=V1,V2,… (repeatable); every combination is run.")] = [],
+        overrides: SetOption = None,
+    ) -> None:
+        """Run the pipeline for every combination of --grid values; points share devices and cached stages."""
+        import yaml
+
+        from fat_distill.pipeline.overrides import ConfigError
+
+        try:
+            cfg = _load(config, overrides, demo=config is None)
+            parsed: dict[str, list[Any]] = {}
+            for item in grid:
+                if "=" not in item:
+                    raise ConfigError(f"--grid {item!r} must look like key=value1,value2")
+                key, values = item.split("=", 1)
+                parsed[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+            if not parsed:
+                raise ConfigError("give at least one --grid key=v1,v2")
+        except ConfigError as exc:
+            _fail(exc)
+        from flows.environment import configure_prefect
+
+        configure_prefect(Path(cfg.run.runs_root).parent / ".prefect")
+        from flows.pipeline import run_sweep
+
+        try:
+            results = run_sweep(cfg, parsed)
+        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+            _fail(exc)
+        t = Table(title="sweep")
+        for col in ("point", "run", "method", "rank-1", "mAP"):
+            t.add_column(col)
+        for label, r in results.items():
+            for method, m in r["retrieval"].items():
+                t.add_row(label, r["run_id"], method, f"{100 * m['rank1']:.1f}", f"{100 * m['mAP']:.1f}")
+        console.print(t)
+
+    @app.command("runs")
+    def runs(
+        runs_root: RunsRootOption = Path("runs"),
+        as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    ) -> None:
+        """List runs with their status and per-stage states (reads run folders; no server needed)."""
+        from fat_distill.pipeline.runs import list_runs
+
+        items = list_runs(runs_root)
+        if as_json:
+            sys.stdout.write(json.dumps([{k: d.get(k) for k in ("run_id", "status", "created", "updated", "stages")}
+                                         for d in items], indent=2, default=str) + "\n")
+            return
+        if not items:
+            console.print(f"no runs under {runs_root}")
+            return
+        t = Table()
+        t.add_column("run", no_wrap=True)
+        for col in ("status", "created", "ran/cached/failed", "distilled mAP"):
+            t.add_column(col)
+        for d in items:
+            states = [e.get("state") for e in d.get("stages", {}).values()]
+            mAP = d.get("metrics", {}).get("retrieval", {}).get("distilled", {}).get("mAP")
+            t.add_row(d["run_id"], f"[{STATE_STYLE.get(d['status'], '')}]{d['status']}[/]", d.get("created", ""),
+                      f"{states.count('ran')}/{states.count('cached')}/{states.count('failed')}",
+                      "" if mAP is None else f"{100 * mAP:.1f}")
+        console.print(t)
+
+    @app.command("inspect")
+    def inspect(
+        run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+        runs_root: RunsRootOption = Path("runs"),
+        as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    ) -> None:
+        """Show a run: config, stage states, manifests with row counts, metrics, plots, teacher rounds."""
+        from fat_distill.pipeline.inspect import inspect_run
+        from fat_distill.pipeline.runs import find_run
+
+        try:
+            report = inspect_run(find_run(runs_root, run_id))
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(exc)
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+            return
+        console.rule(f"run {report['run_id']} — {report['status']}")
+        console.print(f"config: {report['config_path']}\nmanifests: {report['manifest_dir']}\n"
+                      f"run folder: {report['run_dir']}", highlight=False)
+        _show_stages(Path(report["run_dir"]))
+        t = Table(title="manifests")
+        for col in ("file", "schema", "stage", "rows"):
+            t.add_column(col)
+        for m in report["manifests"]:
+            t.add_row(Path(m["file"]).name, m["schema"], m["stage"], f"{m['rows']:,}")
+        console.print(t)
+        if report["teacher_rounds"]:
+            t = Table(title="teacher rounds")
+            for col in ("round", "kept", "dropped", "changed", "noisy dropped", "clean kept"):
+                t.add_column(col, justify="right")
+            for r in report["teacher_rounds"]:
+                t.add_row(str(r["round"]), f"{r['kept']:,}", f"{r['dropped']:,}",
+                          "" if r.get("change") is None else f"{100 * r['change']:.1f}%",
+                          "" if r.get("noisy_dropped") is None else f"{r['noisy_dropped']:,} of {r['noisy']:,}",
+                          "" if r.get("clean_kept") is None else f"{r['clean_kept']:,} of {r['clean']:,}")
+            console.print(t)
+        if report.get("metrics"):
+            _show_metrics(report["metrics"])
+        for plot in report["plots"]:
+            console.print(f"plot: {plot}", highlight=False)
+
+    @config_app.command("show")
+    def config_show(
+        config: Annotated[Optional[Path], typer.Argument(help="YAML config (default: built-in defaults).")] = None,
+        overrides: SetOption = None,
+        demo: Annotated[bool, typer.Option(help="Start from the demo config.")] = False,
+    ) -> None:
+        """Print the resolved config as YAML (defaults filled in, overrides applied, validated)."""
+        from fat_distill.pipeline import dump_yaml
+        from fat_distill.pipeline.overrides import ConfigError
+
+        try:
+            cfg = _load(config, overrides, demo=demo)
+        except ConfigError as exc:
+            _fail(exc)
+        sys.stdout.write(dump_yaml(cfg))

@@ -1,0 +1,60 @@
+"""Run the pipeline without Prefect: every stage called in place, one after another, on one device."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fat_distill.pipeline.config import PipelineConfig
+from fat_distill.pipeline.graph import StageCall, run_graph
+from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id
+from fat_distill.train import resolve_device
+
+
+@dataclass
+class _Done:
+    value: dict
+
+    def result(self) -> dict:
+        return self.value
+
+
+class DirectExecutor:
+    """Calls each stage immediately. Finished work is still skipped by the stages themselves
+    (existing rounds, final checkpoints), but there is no cross-run cache and no parallelism."""
+
+    def __init__(self, state: RunState, device: str):
+        self.state = state
+        self.device = device
+
+    def submit(self, call: StageCall) -> _Done:
+        started = time.perf_counter()
+        self.state.stage(call.name, state="running", key=call.key, components=call.components)
+        kwargs = dict(call.kwargs)
+        if call.needs_device:
+            kwargs["device"] = self.device
+        try:
+            out = call.fn(**kwargs)
+        except BaseException as exc:
+            self.state.stage(call.name, state="failed", error=str(exc), seconds=time.perf_counter() - started)
+            raise
+        self.state.stage(call.name, state="ran", why="direct run (no cache)", outputs=out,
+                         seconds=round(time.perf_counter() - started, 2))
+        return _Done(out)
+
+
+def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Run the whole pipeline in this process without Prefect; returns (run id, metrics summary)."""
+    run_id = run_id or new_run_id(config.run.name)
+    paths = RunPaths.for_run(config, run_id)
+    state = RunState.create(paths, config)
+    device = config.run.devices[0] if config.run.devices else "auto"
+    device = str(resolve_device(device))
+    try:
+        summary = run_graph(config, paths, state, DirectExecutor(state, device))
+    except BaseException as exc:
+        state.update(status="failed", error=str(exc))
+        raise
+    state.update(status="completed", metrics=summary)
+    return run_id, summary

@@ -1,0 +1,158 @@
+"""The pipeline's stage graph, written once and run by an executor (direct, or Prefect in ``flows/``).
+
+data → noise → teacher rounds (folds in parallel) → soft labels → students and baselines (in parallel)
+→ their evaluations, plus the teacher's noise-detection report.
+
+An executor decides how a stage call runs: :class:`fat_distill.pipeline.direct.DirectExecutor`
+calls it in place; ``flows.pipeline.PrefectExecutor`` submits it as a cached,
+device-scheduled Prefect task. Both record the stage in the run's ``run.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pandas as pd
+
+from fat_distill.manifests import read_manifest, write_manifest
+from fat_distill.pipeline import stages
+from fat_distill.pipeline.config import PipelineConfig
+from fat_distill.pipeline.keys import key_components, stage_key
+from fat_distill.pipeline.runs import RunPaths, RunState
+
+log = logging.getLogger("fat_distill.pipeline")
+
+
+@dataclass
+class StageCall:
+    """One stage invocation: what to call, with what, and what its cache key is made of."""
+
+    name: str                      # unique in the run, e.g. "teacher.round1.fold0"
+    kind: str                      # key of keys.STAGE_CODE, e.g. "teacher_fold"
+    fn: Callable[..., dict]
+    kwargs: dict[str, Any]
+    components: dict[str, Any]
+    needs_device: bool = False
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = stage_key(self.components)
+
+
+class Handle(Protocol):
+    def result(self) -> dict: ...
+
+
+class Executor(Protocol):
+    def submit(self, call: StageCall) -> Handle: ...
+
+
+def make_call(name: str, kind: str, fn: Callable[..., dict], *, inputs: dict[str, Any], config: Any,
+              kwargs: dict[str, Any], extra: dict[str, Any] | None = None, needs_device: bool = False) -> StageCall:
+    return StageCall(name=name, kind=kind, fn=fn, kwargs=kwargs, needs_device=needs_device,
+                     components=key_components(kind, inputs, config, extra))
+
+
+def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor: Executor) -> dict[str, Any]:
+    """Run every stage of the pipeline through ``executor``; returns the run's metrics summary."""
+    progress = config.run.progress
+
+    data = executor.submit(make_call("data", "data", stages.data_stage, inputs={}, config=config.data,
+                                     kwargs={"config": config.data, "work_dir": str(paths.stage_dir("data"))})).result()
+    paths.publish(data["dataset"], "dataset.parquet")
+    noisy = executor.submit(make_call(
+        "noise", "noise", stages.noise_stage, inputs={"dataset": data["dataset"]}, config=config.noise,
+        kwargs={"dataset": data["dataset"], "config": config.noise, "work_dir": str(paths.stage_dir("noise"))},
+    )).result()
+    dataset = noisy["dataset"]
+    paths.publish(dataset, "dataset_noisy.parquet")
+
+    teacher_cfg = config.teacher
+    teacher_dir = str(paths.stage_dir("teacher"))
+    previous: str | None = None
+    round_out: dict[str, Any] = {}
+    for r in range(teacher_cfg.rounds):
+        inputs = {"dataset": dataset, "previous_round": previous}
+        if teacher_cfg.scoring == "oof":
+            folds = [executor.submit(make_call(
+                f"teacher.round{r}.fold{k}", "teacher_fold", stages.teacher_fold_stage, inputs=inputs,
+                config=teacher_cfg.round_hash(), extra={"round": r, "fold": k}, needs_device=True,
+                kwargs={"dataset": dataset, "previous_round": previous, "config": teacher_cfg, "round": r,
+                        "fold": k, "work_dir": teacher_dir, "progress": progress},
+            )) for k in range(teacher_cfg.folds)]
+            for handle in folds:
+                handle.result()
+        round_out = executor.submit(make_call(
+            f"teacher.round{r}", "teacher_round", stages.teacher_round_stage, inputs=inputs,
+            config=teacher_cfg.round_hash(), extra={"round": r}, needs_device=True,
+            kwargs={"dataset": dataset, "previous_round": previous, "config": teacher_cfg, "round": r,
+                    "work_dir": teacher_dir, "progress": progress},
+        )).result()
+        paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
+        previous = round_out["teacher_round"]
+        change = round_out.get("change")
+        if change is not None and change <= teacher_cfg.tolerance:
+            log.info("teacher: confident set changed by %.2f%% <= tolerance after round %d; stopping",
+                     100 * change, r)
+            break
+
+    noise_report = executor.submit(make_call(
+        "noise_report", "noise_report", stages.noise_report_stage,
+        inputs={"dataset": dataset, "teacher_round": previous}, config={},
+        kwargs={"dataset": dataset, "teacher_round": previous, "work_dir": str(paths.stage_dir("noise_report")),
+                "plots_dir": str(paths.plots_dir)},
+    ))
+    soft = executor.submit(make_call(
+        "soft_labels", "soft_labels", stages.soft_labels_stage,
+        inputs={"dataset": dataset, "final_round": previous, "checkpoints": round_out["checkpoints"]},
+        config=teacher_cfg.soft_labels_hash(), needs_device=True,
+        kwargs={"dataset": dataset, "final_round": previous, "checkpoints": round_out["checkpoints"],
+                "config": teacher_cfg, "work_dir": str(paths.stage_dir("soft_labels"))},
+    )).result()
+    paths.publish(soft["soft_labels"], "soft_labels.parquet")
+
+    methods = ["distilled", *config.baselines]
+    students = {}
+    for method in methods:
+        cfg = config.student if method == "distilled" else config.baseline_config(method)
+        soft_input = soft["soft_labels"] if method == "distilled" else None
+        students[method] = (cfg, executor.submit(make_call(
+            f"student.{method}", "student", stages.student_stage,
+            inputs={"dataset": dataset, "soft_labels": soft_input}, config=cfg, needs_device=True,
+            kwargs={"dataset": dataset, "soft_labels": soft_input, "config": cfg,
+                    "work_dir": str(paths.stage_dir("student", method)), "progress": progress},
+        )))
+    evaluations = {}
+    for method, (cfg, handle) in students.items():
+        checkpoint = handle.result()["checkpoint"]
+        evaluations[method] = executor.submit(make_call(
+            f"evaluate.{method}", "evaluate", stages.evaluate_stage,
+            inputs={"dataset": dataset, "checkpoint": checkpoint}, config=cfg, needs_device=True,
+            kwargs={"dataset": dataset, "checkpoint": checkpoint, "config": cfg,
+                    "work_dir": str(paths.stage_dir("evaluate")), "plots_dir": str(paths.plots_dir)},
+        ))
+    metric_paths = {method: h.result()["metrics"] for method, h in evaluations.items()}
+    noise_metrics = noise_report.result()["metrics"]
+    for path in [*metric_paths.values(), noise_metrics]:
+        paths.publish(path)
+    return summarise_metrics(paths, metric_paths, noise_metrics)
+
+
+KEY_METRICS = ("rank1", "rank5", "mAP", "mINP")
+
+
+def summarise_metrics(paths: RunPaths, metric_paths: dict[str, str], noise_metrics: str) -> dict[str, Any]:
+    """Collect every stage's metrics into one ``metrics.parquet`` and a small JSON-ready summary."""
+    frames = [read_manifest(p, "metrics") for p in [*metric_paths.values(), noise_metrics]]
+    table = pd.concat(frames, ignore_index=True)
+    write_manifest(table, paths.manifest_dir / "metrics.parquet", "metrics", stage="summary")
+    retrieval = {}
+    for method, path in metric_paths.items():
+        f = read_manifest(path, "metrics").set_index("metric")["value"]
+        retrieval[method] = {m: float(f[m]) for m in KEY_METRICS if m in f.index}
+    noise = read_manifest(noise_metrics, "metrics").set_index("metric")["value"]
+    detection = {k: (None if pd.isna(v) else float(v)) for k, v in noise.items() if k.startswith("all.")}
+    return {"retrieval": retrieval, "noise_detection": detection}

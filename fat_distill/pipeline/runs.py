@@ -1,0 +1,202 @@
+"""Run folders and their state file: what the CLI reads without starting a Prefect server.
+
+Layout of one run (``run_id`` = ``<name>-<UTC time>-<4 hex>``):
+
+    runs/<run_id>/
+        config.yaml        the resolved config (what `resume` re-runs)
+        run.json           status, stages (ran / cached / failed / running, why, duration, outputs), metrics
+        run.log            the run's log
+        plots/             PNGs (also attached to the Prefect run as artifacts)
+        stages/<stage>/    checkpoints and intermediate files of each stage
+    data_manifests/<run_id>/
+        *.parquet          every manifest the run produced or took from cache
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from fat_distill.pipeline.config import PipelineConfig
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+
+
+def new_run_id(name: str) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunPaths:
+    run_id: str
+    run_dir: Path
+    manifest_dir: Path
+
+    @classmethod
+    def for_run(cls, config: PipelineConfig, run_id: str) -> RunPaths:
+        return cls(run_id, Path(config.run.runs_root) / run_id, Path(config.run.manifests_root) / run_id)
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.run_dir / "plots"
+
+    def stage_dir(self, *parts: str) -> Path:
+        return self.run_dir.joinpath("stages", *parts)
+
+    def publish(self, manifest: str | Path, name: str | None = None) -> Path:
+        """Place a manifest into this run's manifest folder (hard link, or an atomic copy across devices)."""
+        src = Path(manifest)
+        dst = self.manifest_dir / (name or src.name)
+        if dst.exists() and dst.resolve() == src.resolve():
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return dst
+
+
+class RunState:
+    """The run's ``run.json``, updated atomically (and thread-safely) as stages start and end."""
+
+    def __init__(self, paths: RunPaths, data: dict[str, Any]):
+        self.paths = paths
+        self.data = data
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, paths: RunPaths, config: PipelineConfig, *, resumed: bool = False) -> RunState:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        paths.manifest_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.run_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        existing = load_run_json(paths.run_dir)
+        now = _now()
+        data = existing if (resumed and existing) else {"run_id": paths.run_id, "created": now, "stages": {}}
+        data.update({"status": "running", "pid": os.getpid(), "updated": now,
+                     "manifest_dir": str(paths.manifest_dir), "run_dir": str(paths.run_dir)})
+        data.setdefault("attempts", 0)
+        data["attempts"] += 1
+        state = cls(paths, data)
+        state.save()
+        return state
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        atomic_write_text(self.paths.run_dir / RUN_FILE, json.dumps(self.data, indent=2, default=str))
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.data.update(fields)
+            self.save()
+
+    def stage(self, name: str, **fields: Any) -> None:
+        with self._lock:
+            entry = self.data["stages"].setdefault(name, {})
+            entry.update(fields)
+            self.save()
+
+    def stage_entry(self, name: str) -> dict[str, Any]:
+        return dict(self.data["stages"].get(name, {}))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_run_json(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is damaged ({exc}); the run's manifests are still in its manifest folder") from exc
+
+
+def effective_status(data: dict[str, Any]) -> str:
+    """'running' for a run whose process is gone becomes 'interrupted' (resume it)."""
+    status = data.get("status", "unknown")
+    if status == "running" and not _pid_alive(data.get("pid")):
+        return "interrupted"
+    return status
+
+
+def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
+    """Every run under ``runs_root`` with its status, newest first (reads run.json files only)."""
+    root = Path(runs_root)
+    runs = []
+    if not root.is_dir():
+        return runs
+    for run_dir in root.iterdir():
+        if not run_dir.is_dir() or run_dir.name.startswith("."):
+            continue
+        try:
+            data = load_run_json(run_dir)
+        except ValueError:
+            data = {"run_id": run_dir.name, "status": "damaged", "stages": {}}
+        if data is None:
+            continue
+        data["status"] = effective_status(data)
+        runs.append(data)
+    runs.sort(key=lambda d: d.get("created", ""), reverse=True)
+    return runs
+
+
+def find_run(runs_root: str | Path, run_id: str) -> Path:
+    """The folder of ``run_id`` (a unique prefix is enough)."""
+    root = Path(runs_root)
+    exact = root / run_id
+    if (exact / RUN_FILE).exists():
+        return exact
+    matches = [p for p in root.glob(f"{run_id}*") if (p / RUN_FILE).exists()] if root.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise FileNotFoundError(f"no run {run_id!r} under {root}; `fat-distill runs` lists them")
+    raise ValueError(f"run id {run_id!r} is ambiguous: {', '.join(sorted(p.name for p in matches))}")
+
+
+def last_components(runs_root: str | Path, stage: str, exclude: str | None = None) -> dict | None:
+    """The cache-key components of ``stage`` in the most recent other run (to explain why a stage ran)."""
+    for data in list_runs(runs_root):
+        if data.get("run_id") == exclude:
+            continue
+        entry = data.get("stages", {}).get(stage)
+        if entry and entry.get("components"):
+            return entry["components"]
+    return None

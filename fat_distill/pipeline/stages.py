@@ -1,0 +1,146 @@
+"""The pipeline's stages as plain functions: manifest paths and a config section in, output paths out.
+
+Each stage reads manifests (and checkpoints) and writes manifests, checkpoints and
+plots under the folders it is given; it returns a JSON-ready dict of what it
+wrote. Nothing here knows about Prefect: ``flows/`` wraps each function in a
+cached, device-scheduled task, and :func:`fat_distill.pipeline.direct.run_direct`
+calls them one after another.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fat_distill.config_hash import config_hash
+from fat_distill.distill import (
+    StudentConfig,
+    TeacherConfig,
+    evaluate_noise_detection,
+    evaluate_student,
+    make_soft_labels,
+    round_manifest_path,
+    run_teacher_fold,
+    run_teacher_round,
+    teacher_checkpoints,
+    train_student,
+)
+from fat_distill.manifests import parent_ref, read_manifest, read_manifest_meta, write_manifest
+from fat_distill.pipeline.config import DataSection, NoiseSection
+
+log = logging.getLogger("fat_distill.pipeline")
+
+Outputs = dict[str, str]
+
+
+def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
+    """Make the clean ``dataset`` manifest: synthesise + index, index a folder, or validate a given manifest."""
+    from fat_distill.data import generate_synthetic_reid, index_dataset
+
+    work_dir = Path(work_dir)
+    out = work_dir / "dataset.parquet"
+    if config.source == "manifest":
+        frame = read_manifest(config.manifest, "dataset")
+        meta = frame.attrs["manifest"]
+        write_manifest(frame, out, "dataset", stage="data.manifest", config_hash=config_hash(config),
+                       parents=[parent_ref(config.manifest, meta)], extra=meta.extra)
+        return {"dataset": str(out)}
+    if config.source == "synth":
+        s = config.synth
+        root = work_dir / "images"
+        done = root / "synth.json"
+        if not done.exists():  # synth.json is written last: its absence means an unfinished tree
+            generate_synthetic_reid(root, identities=s.identities, cameras=s.cameras,
+                                    images_per_identity=s.images_per_identity, size=tuple(s.size), seed=s.seed,
+                                    distractors=s.distractors, junk=s.junk, overwrite=root.exists())
+        result = index_dataset(root, "market1501")
+        layout = "market1501"
+    else:
+        root = Path(config.root)
+        layout = config.layout
+        result = index_dataset(root, layout, camera_regex=config.camera_regex,
+                               split_identities=config.split_identities, seed=config.split_seed,
+                               verify=config.verify, skip_bad=config.skip_bad)
+    for warning in result.warnings:
+        log.warning("data: %s", warning)
+    write_manifest(result.frame, out, "dataset", stage="data.index", config_hash=config_hash(config),
+                   extra={"dataset_root": str(Path(root).resolve()), "layout": layout,
+                          "bad_images": len(result.bad_images), "unparsed": len(result.unparsed)})
+    return {"dataset": str(out)}
+
+
+def noise_stage(dataset: str | Path, config: NoiseSection, work_dir: str | Path) -> Outputs:
+    """Inject label noise into the train split (or only add the truth columns when disabled / rate 0)."""
+    from fat_distill.data import corrupt_labels
+
+    frame = read_manifest(dataset, "dataset")
+    meta = frame.attrs["manifest"]
+    out = Path(work_dir) / "dataset_noisy.parquet"
+    if config.enabled:
+        root = meta.extra.get("dataset_root")
+        image_root = Path(root) if root and Path(root).is_dir() else None
+        pairing = None
+        if config.kind in ("pair", "mix"):
+            pairing = config.pairing or ("mean_image" if image_root else "derangement")
+        frame = corrupt_labels(frame, rate=config.rate, kind=config.kind, seed=config.seed,
+                               image_root=image_root if pairing == "mean_image" else None, pairing=pairing)
+    write_manifest(frame, out, "dataset", stage="noise", config_hash=config_hash(config),
+                   parents=[parent_ref(dataset, meta)], extra={**meta.extra, "noise": config.model_dump(mode="json")})
+    return {"dataset": str(out)}
+
+
+def teacher_fold_stage(dataset: str | Path, previous_round: str | None, config: TeacherConfig, round: int,
+                       fold: int, work_dir: str | Path, device: str = "auto", progress: bool = False) -> Outputs:
+    """Train one out-of-fold teacher model of a round (folds are independent: schedule them in parallel)."""
+    checkpoint = run_teacher_fold(dataset, previous_round, config, round, fold, work_dir, device, progress=progress)
+    return {"checkpoint": str(checkpoint)}
+
+
+def teacher_round_stage(dataset: str | Path, previous_round: str | None, config: TeacherConfig, round: int,
+                        work_dir: str | Path, device: str = "auto", progress: bool = False) -> Outputs:
+    """Run one teacher round (training, or reusing finished fold models) and score every train sample."""
+    path = run_teacher_round(dataset, previous_round, config, round, work_dir, device, progress=progress)
+    meta = read_manifest_meta(path)
+    return {"teacher_round": str(path), "change": meta.extra.get("change"),
+            "confident_fraction": meta.extra.get("confident_fraction"),
+            "checkpoints": [str(p) for p in teacher_checkpoints(work_dir, round, config)]}
+
+
+def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints: list[str], config: TeacherConfig,
+                      work_dir: str | Path, device: str = "auto") -> Outputs:
+    """Soft labels (softmax at temperature T, top-k) from the final teacher round's model(s)."""
+    out = Path(work_dir) / "soft_labels.parquet"
+    make_soft_labels(dataset, [Path(c) for c in checkpoints], final_round, config, out, device)
+    return {"soft_labels": str(out)}
+
+
+def student_stage(dataset: str | Path, soft_labels: str | None, config: StudentConfig, work_dir: str | Path,
+                  device: str = "auto", progress: bool = False) -> Outputs:
+    """Train the distilled student or a baseline (``config.method``)."""
+    result = train_student(dataset, config, work_dir, device,
+                           soft_labels_manifest=soft_labels if config.method == "distilled" else None,
+                           progress=progress)
+    return {"checkpoint": str(result.checkpoint), "method": config.method}
+
+
+def evaluate_stage(dataset: str | Path, checkpoint: str | Path, config: StudentConfig, work_dir: str | Path,
+                   plots_dir: str | Path, device: str = "auto") -> Outputs:
+    """Query/gallery retrieval metrics of a trained student or baseline, and its CMC plot."""
+    out = Path(work_dir) / f"metrics_{config.method}.parquet"
+    evaluate_student(dataset, checkpoint, config, out, device, plots_dir=plots_dir)
+    return {"metrics": str(out), "plot": str(Path(plots_dir) / f"cmc_{config.method}.png")}
+
+
+def noise_report_stage(dataset: str | Path, teacher_round: str | Path, work_dir: str | Path,
+                       plots_dir: str | Path) -> Outputs:
+    """How well the final teacher round found the injected noise (needs the ground truth)."""
+    out = Path(work_dir) / "metrics_noise_detection.parquet"
+    evaluate_noise_detection(dataset, teacher_round, out, plots_dir=plots_dir)
+    plots = sorted(str(p) for p in Path(plots_dir).glob("*.png") if "confidence" in p.name or "noise" in p.name)
+    return {"metrics": str(out), "plots": plots}
+
+
+__all__ = [
+    "Outputs", "data_stage", "evaluate_stage", "noise_report_stage", "noise_stage", "round_manifest_path",
+    "soft_labels_stage", "student_stage", "teacher_fold_stage", "teacher_round_stage",
+]

@@ -1,0 +1,117 @@
+"""GPU scheduling: one Prefect global concurrency limit per device, each stage holds a slot while it runs.
+
+Limits are named ``fat-distill-device-<i>`` (i = position in ``run.devices``) with
+``max_tasks_per_device`` slots, created or updated at flow start and acquired with
+``strict=True``, so a stage never runs on a device that already holds the maximum
+number of stages, across every flow that talks to the same Prefect server.
+Without CUDA, ``auto`` is the CPU; ``devices: [cpu, cpu]`` gives two virtual devices
+(useful to test scheduling, and to run two CPU stages at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+
+log = logging.getLogger("fat_distill.devices")
+
+LIMIT_PREFIX = "fat-distill-device"
+POLL_SECONDS = 0.5
+LEASE_SECONDS = 60
+
+
+def expand_devices(devices: list[str]) -> list[str]:
+    """``auto`` → every CUDA device (or ``cpu`` when there is none); other names are kept."""
+    out: list[str] = []
+    for name in devices or ["auto"]:
+        if name == "auto":
+            if torch.cuda.is_available():
+                out.extend(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+            else:
+                out.append("cpu")
+        else:
+            out.append(name)
+    return out
+
+
+class DevicePool:
+    """The devices a flow schedules stages on, backed by Prefect global concurrency limits."""
+
+    def __init__(self, devices: list[str], max_tasks_per_device: int = 1, prefix: str = LIMIT_PREFIX):
+        self.devices = expand_devices(devices)
+        self.max_tasks = max_tasks_per_device
+        self.prefix = prefix
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def limit_name(self, index: int) -> str:
+        return f"{self.prefix}-{index}"
+
+    @property
+    def slots(self) -> int:
+        return len(self.devices) * self.max_tasks
+
+    def create_limits(self, *, reset_stale: bool | None = None) -> None:
+        """Create or update the per-device limits.
+
+        Args:
+            reset_stale: zero the limits' active slots first. Default: only for the embedded
+                server (no PREFECT_API_URL), where one pipeline process owns the database and
+                any held slot was left by a killed run. On a shared server, slots of killed
+                runs are freed when their lease (``LEASE_SECONDS``, renewed while held) expires.
+        """
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+        if reset_stale is None:
+            reset_stale = "PREFECT_API_URL" not in os.environ
+        with get_client(sync_client=True) as client:
+            for i in range(len(self.devices)):
+                name = self.limit_name(i)
+                client.upsert_global_concurrency_limit_by_name(name, self.max_tasks)
+                if reset_stale and client.read_global_concurrency_limit_by_name(name).active_slots:
+                    log.warning("device pool: %s had slots held by an earlier, killed run; freeing them", name)
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+        log.info("device pool: %s, %d stage(s) per device", ", ".join(self.devices), self.max_tasks)
+
+    def _free_slots(self) -> list[int]:
+        with get_client(sync_client=True) as client:
+            free = []
+            for i in range(len(self.devices)):
+                limit = client.read_global_concurrency_limit_by_name(self.limit_name(i))
+                free.append(limit.limit - limit.active_slots)
+        return free
+
+    @contextmanager
+    def acquire(self, stage: str) -> Iterator[tuple[int, str]]:
+        """Hold one slot of the first device with a free slot (round-robin start); yields (index, device)."""
+        n = len(self.devices)
+        while True:
+            with self._lock:
+                start = self._next
+                self._next = (self._next + 1) % n
+            free = self._free_slots()
+            for offset in range(n):
+                i = (start + offset) % n
+                if free[i] <= 0:
+                    continue
+                try:
+                    ctx = concurrency(self.limit_name(i), occupy=1, timeout_seconds=5, strict=True,
+                                      lease_duration=LEASE_SECONDS)
+                    ctx.__enter__()
+                except TimeoutError:
+                    continue
+                try:
+                    log.info("%s: running on %s (slot of %s)", stage, self.devices[i], self.limit_name(i))
+                    yield i, self.devices[i]
+                finally:
+                    ctx.__exit__(None, None, None)
+                return
+            time.sleep(POLL_SECONDS)
