@@ -1,0 +1,80 @@
+"""Real Prefect flows (embedded server, isolated PREFECT_HOME): caching, partial re-runs, device slots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from fat_distill.manifests import read_manifest, read_manifest_meta
+from fat_distill.pipeline import PipelineConfig, load_run_json, validate_config
+from tests.pipeline_configs import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def run(config_dict):
+    from flows.pipeline import run_pipeline
+
+    cfg = validate_config(PipelineConfig, config_dict)
+    run_id, summary = run_pipeline(cfg)
+    return run_id, summary, load_run_json(f"{cfg.run.runs_root}/{run_id}")
+
+
+def states(run_json):
+    return {name: entry["state"] for name, entry in run_json["stages"].items()}
+
+
+def test_pipeline_caches_every_stage_and_reruns_only_what_changed(tmp_path):
+    config = tiny_config(tmp_path)
+    run_id, summary, first = run(config)
+    assert first["status"] == "completed"
+    assert set(states(first).values()) == {"ran"}
+    assert set(summary["retrieval"]) == {"distilled", "ce"}
+    manifests = tmp_path / "manifests" / run_id
+    for name in ("dataset.parquet", "dataset_noisy.parquet", "teacher_round_0.parquet", "teacher_round_1.parquet",
+                 "soft_labels.parquet", "metrics.parquet", "metrics_distilled.parquet", "metrics_ce.parquet",
+                 "metrics_noise_detection.parquet"):
+        read_manifest(manifests / name)  # exists and validates
+    assert read_manifest(manifests / "soft_labels.parquet")["confident"].any()
+
+    run_id2, summary2, second = run(config)
+    assert set(states(second).values()) == {"cached"}, states(second)
+    assert summary2 == summary
+    for name in ("teacher_round_1.parquet", "soft_labels.parquet"):
+        assert (read_manifest_meta(tmp_path / "manifests" / run_id2 / name).content_hash
+                == read_manifest_meta(manifests / name).content_hash)
+
+    changed = tiny_config(tmp_path, student={"train": {**config["student"]["train"], "lr": 1e-3}})
+    _, _, third = run(changed)
+    s = states(third)
+    assert {n for n, st in s.items() if st == "ran"} == {"student.distilled", "student.ce", "evaluate.distilled",
+                                                       "evaluate.ce"}
+    assert s["teacher.round1"] == "cached" and s["noise_report"] == "cached"
+    assert "config section changed" in third["stages"]["student.distilled"]["why"]
+
+
+def test_device_slots_are_never_oversubscribed(tmp_path):
+    config = tiny_config(tmp_path, run={"devices": ["cpu", "cpu"], "max_tasks_per_device": 1},
+                         teacher={"rounds": 1, "scoring": "oof", "folds": 2},
+                         baselines=["ce", "ce_triplet"])
+    _, _, run_json = run(config)
+    intervals = defaultdict(list)
+    for name, entry in run_json["stages"].items():
+        if "slot_acquired" in entry:
+            intervals[entry["device_index"]].append((entry["slot_acquired"], entry["slot_released"], name))
+    assert set(intervals) == {0, 1}, "both virtual devices should have been used"
+    for device, spans in intervals.items():
+        spans.sort()
+        for (start_a, end_a, a), (start_b, end_b, b) in zip(spans, spans[1:]):
+            assert start_b >= end_a, f"device {device} ran {a} and {b} at the same time"
+    folds = [n for n in run_json["stages"] if ".fold" in n]
+    assert len(folds) == 2
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    from fat_distill.pipeline.overrides import ConfigError
+
+    bad = tiny_config(tmp_path, teacher={"round": 3})
+    with pytest.raises(ConfigError, match="teacher.round: unknown key"):
+        validate_config(PipelineConfig, bad)
