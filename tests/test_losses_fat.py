@@ -30,8 +30,8 @@ def fat_reference(
     features, labels, centres, valid, margin, normalize, aggregation, k, cohesion, weight
 ) -> tuple[torch.Tensor, float]:
     """SPEC §1.1 written as loops over samples and centres; returns (loss, active fraction)."""
-    if normalize:
-        features = torch.stack([f / torch.sqrt((f * f).sum()) for f in features])
+    if normalize:  # F.normalize: f / max(|f|, 1e-12), so a zero row stays zero
+        features = torch.stack([f / torch.sqrt((f * f).sum()).clamp_min(1e-12) for f in features])
     p2s_terms, pos_dists = [], []
     looked_at = active = 0
     for i, f in enumerate(features):
@@ -175,6 +175,22 @@ def test_all_equal_or_zero_features_give_finite_loss_and_gradients(fill, normali
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(features.grad).all()
     assert float(out.terms["p2s"]) == pytest.approx(loss_fn.margin, abs=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["hardest", "mean"])
+def test_a_zero_embedding_is_measured_from_the_origin_when_normalised(aggregation):
+    features, labels, centres = make_batch(16)
+    features = features.detach().clone()
+    features[0] = 0.0
+    features.requires_grad_(True)
+    loss_fn = FATLoss.normalised(aggregation=aggregation, cohesion="mean")
+    out = loss_fn.compute(features, labels, centres)
+    reference, _ = fat_reference(
+        features.detach(), labels, centres, torch.ones(5, dtype=torch.bool), 0.1, True, aggregation, 5, "mean", 0.1
+    )
+    torch.testing.assert_close(out.loss.detach(), reference)
+    out.loss.backward()
+    assert torch.isfinite(features.grad).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
