@@ -30,6 +30,8 @@ def configure_prefect(home: str | os.PathLike | None = None) -> dict[str, str]:
         default("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
     default("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     default("PREFECT_LOGGING_EXTRA_LOGGERS", "fat_distill")
+    # Library code also runs outside flows (tests, notebooks): don't warn that those logs have no flow run.
+    default("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     default("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     if "PREFECT_API_URL" not in os.environ:
         # Prefect creates its home without parents and then fails to open its database.
