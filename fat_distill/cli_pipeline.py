@@ -108,6 +108,25 @@ def _show_metrics(summary: dict[str, Any]) -> None:
         console.print("noise detection of the final teacher round: " + ", ".join(parts), highlight=False)
 
 
+def _trigger_deployment(config, deployment: str) -> None:
+    """Start a flow run of a deployment on the Prefect server named by PREFECT_API_URL and return at once."""
+    import os
+
+    from fat_distill.pipeline import new_run_id
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail(ValueError("--deployment needs a Prefect server: set PREFECT_API_URL (e.g. "
+                         "http://localhost:4200/api, see README 'Run on a cluster')"))
+    from prefect.deployments import run_deployment
+
+    name = deployment if "/" in deployment else f"fat-distill-pipeline/{deployment}"
+    run_id = new_run_id(config.run.name)
+    flow_run = run_deployment(name=name, parameters={"config": config.model_dump(mode="json"), "run_id": run_id},
+                              timeout=0)
+    console.print(f"submitted run {run_id} to deployment {name}: flow run {flow_run.id} "
+                  f"(state {flow_run.state.name if flow_run.state else 'scheduled'})", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     config_app = typer.Typer(help="Show configs: the defaults, the demo, or a file with overrides applied.",
                              no_args_is_help=True)
@@ -118,6 +137,9 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Optional[Path], typer.Argument(help="YAML config (default: built-in defaults).")] = None,
         overrides: SetOption = None,
         direct: Annotated[bool, typer.Option(help="Run the stages in this process without Prefect (no cache).")] = False,
+        deployment: Annotated[Optional[str], typer.Option(
+            help="Trigger this deployment (e.g. 'pipeline') on a Prefect server instead of running here; "
+                 "needs PREFECT_API_URL.")] = None,
     ) -> None:
         """Run the pipeline: data → noise → teacher rounds → soft labels → student + baselines → evaluation.
 
@@ -130,6 +152,9 @@ def register(app: typer.Typer) -> None:
             cfg = _load(config, overrides)
         except ConfigError as exc:
             _fail(exc)
+        if deployment:
+            _trigger_deployment(cfg, deployment)
+            return
         _execute(cfg, direct=direct)
 
     @app.command("demo")
