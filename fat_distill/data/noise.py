@@ -166,7 +166,6 @@ def corrupt_labels(
     min_kept = 2 if set(kinds) & {"flip", "pair", "multi"} else 1
     held_out, kept, counts = _choose_held_out(rows_by_identity, rate_q, kinds, seed, min_kept)
     kept_rows = {pid: rows_by_identity[pid] for pid in kept}
-    n_kept_rows = sum(len(r) for r in kept_rows.values())
     additive_share = Fraction(sum(1 for k in kinds if k in _ADDITIVE_KINDS), len(kinds))
     # Target noisy rows per kind as a multiple of kept original rows: each kind
     # owns rate/m of the final rows, and final = kept / (1 - rate * additive share).

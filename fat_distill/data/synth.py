@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from fat_distill.atomic import atomic_write_bytes
+
 __all__ = [
     "NuisanceConfig",
     "IdentityAppearance",
@@ -791,14 +793,7 @@ def _render_image(job: _ImageJob, *, seed: int, size: tuple[int, int], nuisance:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a hidden temp file in the same folder, then rename: the final name never holds a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _render_chunk(out_dir: str, jobs: list[_ImageJob], seed: int, size: tuple[int, int], nuisance: NuisanceConfig) -> int:

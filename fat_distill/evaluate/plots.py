@@ -7,8 +7,6 @@ file beside the target, then renamed, so a reader never sees half a PNG.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
+from fat_distill.atomic import atomic_write
 from fat_distill.evaluate.retrieval import RetrievalResult
 
 _DPI = 120
@@ -30,18 +29,7 @@ def _new_figure(width: float = 6.0, height: float = 4.5) -> Figure:
 
 def _save_png(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` to ``path`` atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            figure.savefig(handle, format="png")
-        os.chmod(temporary, 0o644)  # mkstemp makes it owner-only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png"), fsync=False)
 
 
 def _noise_arrays(confidence: Sequence[float] | np.ndarray, is_noisy: Sequence[bool] | np.ndarray):

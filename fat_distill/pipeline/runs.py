@@ -20,12 +20,13 @@ import os
 import secrets
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from fat_distill.atomic import atomic_write_text, temporary_sibling
 
 if TYPE_CHECKING:
     from fat_distill.pipeline.config import PipelineConfig
@@ -37,13 +38,6 @@ CONFIG_FILE = "config.yaml"
 def new_run_id(name: str) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -82,7 +76,7 @@ class RunPaths:
         if dst.exists() and dst.resolve() == src.resolve():
             return dst
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = temporary_sibling(dst)
         try:
             os.link(src, tmp)
         except OSError:

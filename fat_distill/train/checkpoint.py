@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fat_distill.atomic import atomic_write
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
 FINAL_NAME = "final.pt"
@@ -25,19 +26,7 @@ def checkpoint_path(directory: str | os.PathLike, epoch: int) -> Path:
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
