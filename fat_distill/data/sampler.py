@@ -7,6 +7,7 @@ images per identity and hundreds of identities contain almost no positives.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -181,6 +182,19 @@ class IdentityBatchSampler(Sampler[list[int]]):
     Takes the same arguments as :class:`IdentitySampler`; ``set_epoch``,
     ``state_dict`` and ``load_state_dict`` act on the wrapped sampler
     (``.sampler``). ``len()`` is the number of batches.
+
+    For data-parallel training each rank takes its share of the epoch's batches
+    (:meth:`shard`, or ``num_replicas``/``rank`` here): batch ``i`` of the
+    single-process order goes to rank ``i % num_replicas``. Every rank computes
+    the same plan from ``(seed, epoch)``, so the shares are disjoint, their union
+    is the single-process epoch, and a run is reproducible for a given seed. When
+    the number of batches is not a multiple of ``num_replicas`` the last
+    ``len % num_replicas`` batches are dropped, so every rank takes the same
+    number of steps (data-parallel ranks must step together).
+
+    Args:
+        num_replicas: how many ranks share the epoch (1 = no sharding).
+        rank: which share this sampler yields, in ``[0, num_replicas)``.
     """
 
     def __init__(
@@ -192,8 +206,24 @@ class IdentityBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         train_mask: Sequence[bool] | np.ndarray | None = None,
         drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        _check_shard(rank, num_replicas)
         self.sampler = IdentitySampler(labels, p, k, seed=seed, train_mask=train_mask, drop_last=drop_last)
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def shard(self, rank: int, num_replicas: int) -> IdentityBatchSampler:
+        """A view yielding only ``rank``'s share of each epoch's batches.
+
+        The view shares the wrapped :class:`IdentitySampler` (seed, epoch, cached
+        plan) with ``self``: ``set_epoch`` on either selects the epoch for both.
+        """
+        _check_shard(rank, num_replicas)
+        view = copy.copy(self)
+        view.num_replicas, view.rank = num_replicas, rank
+        return view
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -205,8 +235,18 @@ class IdentityBatchSampler(Sampler[list[int]]):
         self.sampler.load_state_dict(state)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.sampler.epoch_batches():
+        batches = self.sampler.epoch_batches()
+        usable = len(batches) - len(batches) % self.num_replicas
+        for batch in batches[self.rank : usable : self.num_replicas]:
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return self.sampler.num_batches()
+        return self.sampler.num_batches() // self.num_replicas
+
+
+def _check_shard(rank: int, num_replicas: int) -> None:
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(
+            f"IdentityBatchSampler sharding needs num_replicas >= 1 and 0 <= rank < num_replicas, "
+            f"got rank={rank}, num_replicas={num_replicas}"
+        )

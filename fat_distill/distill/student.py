@@ -10,6 +10,7 @@ only in their labels and loss.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Hashable
@@ -34,7 +35,8 @@ from fat_distill.distill._common import (
 from fat_distill.distill.config import StudentConfig
 from fat_distill.distill.soft_labels import soft_targets_for
 from fat_distill.manifests import parent_ref, read_manifest, write_manifest
-from fat_distill.train import build_objective, build_train_data, fit
+from fat_distill.train import DeviceSettings, build_objective, build_train_data, fit
+from fat_distill.train.distributed import TrainingSetup, fit_distributed, is_data_parallel
 
 log = logging.getLogger("fat_distill.distill")
 
@@ -125,7 +127,9 @@ def train_student(
         dataset_manifest: the ``dataset`` manifest (noisy ``pid``; ``true_pid`` for the oracle).
         config: the student's settings; ``config.method`` picks the method.
         out_dir: checkpoint folder of this method.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``. Not used when ``config.train.devices``
+            has two or more entries: training then runs data-parallel on those devices
+            (:func:`fat_distill.train.fit_distributed`, one spawned process per device).
         soft_labels_manifest: the teacher's ``soft_labels`` manifest; required for
             ``distilled``, refused for the other methods (they do not use it).
         progress: show training progress bars.
@@ -144,7 +148,6 @@ def train_student(
     dataset = load_dataset(dataset_manifest)
     train, label_column = student_training_rows(dataset.frame, config)
     label_map = build_label_map(train[label_column])
-    hard_target = "smooth" if config.smoothing > 0 else "hard"
     soft_ids = soft_probs = confident = None
     if method == "distilled":
         train, soft_ids, soft_probs, confident = _soft_inputs(soft_labels_manifest, train, label_map, config)
@@ -154,21 +157,40 @@ def train_student(
     out_dir = Path(out_dir)
     claim_directory(out_dir, {"stage": stage, "config": config.training_hash(), "dataset": dataset.content_hash,
                               "soft_labels": manifest_hash(soft_labels_manifest)}, stage)
-    settings = stage_settings(device, config.train)
-    data = build_train_data(train, dataset.root, config.train, label_column=label_column, label_map=label_map)
+    setup = functools.partial(_student_setup, train, dataset.root, label_column, label_map, soft_ids, soft_probs,
+                              confident, config)
+    if is_data_parallel(config.train):
+        if device not in (None, "auto"):
+            log.info("%s: train.devices %s set, so the device argument %s is not used", stage,
+                     config.train.devices, device)
+        result = fit_distributed(setup, config=config.train, checkpoint_dir=out_dir, stage=stage, progress=progress)
+    else:
+        settings = stage_settings(device, config.train)
+        parts = setup(settings)
+        result = fit(parts.model, parts.objective, parts.dataset, parts.batch_sampler, config=config.train,
+                     settings=settings, checkpoint_dir=out_dir, stage=stage, feature_dataset=parts.feature_dataset,
+                     progress=progress)
+    return StudentResult(checkpoint=result.final_checkpoint, label_map=label_map, history=result.history,
+                         method=method)
+
+
+def _student_setup(train: pd.DataFrame, root: Path, label_column: str, label_map: dict[Hashable, int],
+                   soft_ids: torch.Tensor | None, soft_probs: torch.Tensor | None, confident: torch.Tensor | None,
+                   config: StudentConfig, settings: DeviceSettings) -> TrainingSetup:
+    """The student's data, model and objective on one device (each data-parallel rank calls it too)."""
+    data = build_train_data(train, root, config.train, label_column=label_column, label_map=label_map)
     model = new_model(config.train, data.num_classes, settings)
+    hard_target = "smooth" if config.smoothing > 0 else "hard"
     objective = build_objective(
         config.objective, model=model, num_classes=data.num_classes, num_samples=len(data.dataset),
         image_size=tuple(config.train.image_size), soft_ids=soft_ids, soft_probs=soft_probs, confident=confident,
         smoothing=config.smoothing, ce_weight=config.ce_weight, triplet_margin=config.triplet_margin,
         fat_margin=config.fat_margin, fat_aggregation=config.fat_aggregation, fat_cohesion=config.fat_cohesion,
         fat_cohesion_weight=config.fat_cohesion_weight, centre_update=config.centre_update,
-        centre_momentum=config.centre_momentum, target="soft" if method == "distilled" else hard_target,
+        centre_momentum=config.centre_momentum, target="soft" if config.method == "distilled" else hard_target,
     )
-    result = fit(model, objective, data.dataset, data.batch_sampler, config=config.train, settings=settings,
-                 checkpoint_dir=out_dir, stage=stage, feature_dataset=data.feature_dataset, progress=progress)
-    return StudentResult(checkpoint=result.final_checkpoint, label_map=data.label_map, history=result.history,
-                         method=method)
+    return TrainingSetup(model=model, objective=objective, dataset=data.dataset, batch_sampler=data.batch_sampler,
+                         feature_dataset=data.feature_dataset)
 
 
 def evaluate_student(

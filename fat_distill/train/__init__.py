@@ -1,4 +1,4 @@
-"""Training: device handling, typed config, objectives, the epoch loop with checkpoints and resume."""
+"""Training: device handling, typed config, objectives, the epoch loop with checkpoints and resume, data-parallel."""
 
 from fat_distill.train.checkpoint import (
     CheckpointError,
@@ -9,6 +9,15 @@ from fat_distill.train.checkpoint import (
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.data import TrainData, build_train_data
 from fat_distill.train.device import DeviceSettings, device_settings, resolve_device
+from fat_distill.train.distributed import (
+    DistributedTrainingError,
+    SetupFactory,
+    SyncedObjective,
+    TrainingSetup,
+    fit_distributed,
+    is_data_parallel,
+    state_digest,
+)
 from fat_distill.train.loop import FitResult, NonFiniteLossError, fit
 from fat_distill.train.objectives import (
     OBJECTIVES,
@@ -21,8 +30,9 @@ from fat_distill.train.objectives import (
 )
 
 __all__ = [
-    "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "FATObjective", "FitResult",
-    "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable", "TrainConfig", "TrainData",
-    "build_objective", "build_train_data", "device_settings", "fit", "latest_checkpoint", "load_checkpoint",
-    "resolve_device", "save_checkpoint",
+    "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
+    "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
+    "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
+    "build_train_data", "device_settings", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
+    "load_checkpoint", "resolve_device", "save_checkpoint", "state_digest",
 ]

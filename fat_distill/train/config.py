@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -45,6 +46,11 @@ class TrainConfig(BaseModel):
     pad: int = Field(10, ge=0)
     seed: int = 0
     keep_checkpoints: int = Field(2, ge=1, description="epoch checkpoints kept on disk (newest)")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="data-parallel devices: empty or one entry = one process on the stage's device; two or "
+                    "more (cuda:0, cuda:1 or cpu, cpu) = DistributedDataParallel, one process per entry, each "
+                    "taking its share of the P×K batches (global batch = entries × batch_p × batch_k)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -52,8 +58,24 @@ class TrainConfig(BaseModel):
             raise ValueError("schedule 'step' needs milestones (epochs where the lr is multiplied by gamma)")
         if self.batch_p * self.batch_k < 2:
             raise ValueError("a batch needs at least 2 images (batch_p × batch_k)")
+        if len(self.devices) >= 2:
+            _check_parallel_devices(self.devices)
         return self
 
     @property
     def batch_size(self) -> int:
         return self.batch_p * self.batch_k
+
+
+def _check_parallel_devices(devices: list[str]) -> None:
+    # Checked here, before any process starts: a bad list would otherwise fail inside a spawned worker.
+    kinds = set()
+    for name in devices:
+        if name != "cpu" and not re.fullmatch(r"cuda:\d+", name):
+            raise ValueError(f"devices: {name!r} is not 'cpu' or 'cuda:N'; data-parallel training needs "
+                             "explicit devices (no 'auto' or bare 'cuda')")
+        kinds.add(name.split(":")[0])
+    if len(kinds) > 1:
+        raise ValueError(f"devices {devices} mix CPU and CUDA; give all-CUDA (NCCL) or all-CPU (gloo) devices")
+    if "cuda" in kinds and len(set(devices)) < len(devices):
+        raise ValueError(f"devices {devices} name a GPU twice; NCCL runs one process per GPU")

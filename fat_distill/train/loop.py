@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from fat_distill.config_hash import config_hash
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.train.checkpoint import (
+    FINAL_NAME,
     CheckpointError,
     checkpoint_path,
     latest_checkpoint,
@@ -41,6 +42,7 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, stage: str, epoch: int, batch: int, terms: dict[str, float], last_checkpoint: Path | None):
         self.stage, self.epoch, self.batch, self.last_checkpoint = stage, epoch, batch, last_checkpoint
+        self.terms = dict(terms)
         where = f"stage {stage!r}, epoch {epoch + 1}, batch {batch + 1}"
         ckpt = (f"last good checkpoint: {last_checkpoint}" if last_checkpoint
                 else "no checkpoint yet (it failed in the first epoch)")
@@ -159,17 +161,14 @@ def fit(
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     cfg_hash = config_hash(config)
-    final_path = checkpoint_dir / "final.pt"
-    if final_path.exists():
-        state = load_checkpoint(final_path, map_location=device)
-        if state.get("config_hash") == cfg_hash:
-            model.load_state_dict(state["model"])
-            objective.load_state_dict(state["objective"])
-            log.info("%s: already trained (%s), loaded its weights", stage, final_path)
-            return FitResult(history=list(state.get("history", [])), final_checkpoint=final_path,
-                             resumed_from_epoch=config.epochs, ran_epochs=0)
-        raise CheckpointError(f"{final_path} was trained with another config (hash {state.get('config_hash')} "
-                              f"!= {cfg_hash}); delete {checkpoint_dir} or choose another output folder")
+    final_path = checkpoint_dir / FINAL_NAME
+    state = load_finished(checkpoint_dir, cfg_hash, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        log.info("%s: already trained (%s), loaded its weights", stage, final_path)
+        return FitResult(history=list(state.get("history", [])), final_checkpoint=final_path,
+                         resumed_from_epoch=config.epochs, ran_epochs=0)
 
     torch.manual_seed(config.seed)
     optimizer = build_optimizer(model, objective, config)
@@ -180,20 +179,11 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
-    last_ckpt = latest_checkpoint(checkpoint_dir)
-    if last_ckpt is not None:
-        state = load_checkpoint(last_ckpt, map_location=device)
-        if state.get("config_hash") != cfg_hash:
-            raise CheckpointError(f"{last_ckpt} belongs to a run with another config (hash {state.get('config_hash')}"
-                                  f" != {cfg_hash}); delete {checkpoint_dir} to start over or restore that config")
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        batch_sampler.load_state_dict(state["sampler"])
+    last_ckpt, state = load_resumable(checkpoint_dir, cfg_hash, device)
+    if state is not None:
+        start_epoch, history = restore_training_state(state, model, objective, optimizer, scheduler, scaler,
+                                                      batch_sampler)
         set_rng_state(state["rng"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         log.info("%s: resuming after epoch %d from %s", stage, start_epoch, last_ckpt)
 
     loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers,
@@ -212,13 +202,9 @@ def fit(
             stats = _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings,
                                  stage, epoch, last_ckpt, bar)
             history.append(stats)
-            last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), {
-                "epoch": epoch, "config_hash": cfg_hash, "stage": stage,
-                "model": model.state_dict(), "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "sampler": batch_sampler.state_dict(),
-                "rng": rng_state(), "history": history,
-            })
+            last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), epoch_state(
+                epoch, cfg_hash, stage, model, objective, optimizer, scheduler, scaler, batch_sampler, history,
+                rng_state()))
             _prune_checkpoints(checkpoint_dir, epoch, config.keep_checkpoints)
             log.info("%s: epoch %d/%d %s", stage, epoch + 1, config.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
@@ -227,11 +213,77 @@ def fit(
     finally:
         if bar is not None:
             bar.stop()
-    save_checkpoint(final_path, {"config_hash": cfg_hash, "stage": stage, "model": model.state_dict(),
-                                 "objective": objective.state_dict(), "history": history})
+    save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history))
     log.info("%s: trained %d epoch(s), weights in %s", stage, config.epochs - start_epoch, final_path)
     return FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
                      ran_epochs=config.epochs - start_epoch)
+
+
+def load_finished(checkpoint_dir: Path, cfg_hash: str, map_location: str | torch.device) -> dict[str, Any] | None:
+    """The state in ``checkpoint_dir/final.pt`` when a run of this config finished there (None: no final.pt).
+
+    Raises:
+        CheckpointError: ``final.pt`` was written by a run of another config.
+    """
+    final_path = checkpoint_dir / FINAL_NAME
+    if not final_path.exists():
+        return None
+    state = load_checkpoint(final_path, map_location=map_location)
+    if state.get("config_hash") != cfg_hash:
+        raise CheckpointError(f"{final_path} was trained with another config (hash {state.get('config_hash')} "
+                              f"!= {cfg_hash}); delete {checkpoint_dir} or choose another output folder")
+    return state
+
+
+def load_resumable(checkpoint_dir: Path, cfg_hash: str,
+                   map_location: str | torch.device) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest epoch checkpoint in ``checkpoint_dir`` and its state (``(None, None)``: start afresh).
+
+    Raises:
+        CheckpointError: the checkpoint belongs to a run of another config.
+    """
+    last_ckpt = latest_checkpoint(checkpoint_dir)
+    if last_ckpt is None:
+        return None, None
+    state = load_checkpoint(last_ckpt, map_location=map_location)
+    if state.get("config_hash") != cfg_hash:
+        raise CheckpointError(f"{last_ckpt} belongs to a run with another config (hash {state.get('config_hash')}"
+                              f" != {cfg_hash}); delete {checkpoint_dir} to start over or restore that config")
+    return last_ckpt, state
+
+
+def restore_training_state(state: dict[str, Any], model: nn.Module, objective: nn.Module,
+                           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                           batch_sampler: IdentityBatchSampler) -> tuple[int, list[dict[str, float]]]:
+    """Load an epoch checkpoint's state (all but the RNG); returns ``(first epoch to run, history)``."""
+    model.load_state_dict(state["model"])
+    objective.load_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    batch_sampler.load_state_dict(state["sampler"])
+    return int(state["epoch"]) + 1, list(state["history"])
+
+
+def epoch_state(epoch: int, cfg_hash: str, stage: str, model: nn.Module, objective: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                batch_sampler: IdentityBatchSampler, history: list[dict[str, float]],
+                rng: dict[str, Any]) -> dict[str, Any]:
+    """What an epoch checkpoint holds (everything :func:`restore_training_state` and the RNG need)."""
+    return {
+        "epoch": epoch, "config_hash": cfg_hash, "stage": stage,
+        "model": model.state_dict(), "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "sampler": batch_sampler.state_dict(),
+        "rng": rng, "history": history,
+    }
+
+
+def final_state(cfg_hash: str, stage: str, model: nn.Module, objective: nn.Module,
+                history: list[dict[str, float]]) -> dict[str, Any]:
+    """What ``final.pt`` holds: the trained weights, the objective's state and the history."""
+    return {"config_hash": cfg_hash, "stage": stage, "model": model.state_dict(),
+            "objective": objective.state_dict(), "history": history}
 
 
 def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings, stage, epoch,
