@@ -105,7 +105,30 @@ def _soft_inputs(soft_labels_manifest: PathLike, train: pd.DataFrame, label_map:
     if not bool(confident.any()):
         raise ValueError(f"{soft_labels_manifest}: no sample is confident, so no FAT centre can be built; "
                          "relax the teacher's confidence rule")
+    if config.given_label_weight > 0:
+        ids, probs = mix_given_label(ids, probs, train["pid"].map(label_map).to_numpy(), confident,
+                                     config.given_label_weight)
     return train, ids, probs, confident
+
+
+def mix_given_label(ids: torch.Tensor, probs: torch.Tensor, given: np.ndarray, confident: torch.Tensor,
+                    weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse targets ``w·one-hot(given) + (1−w)·soft`` for confident rows; other rows keep ``soft``.
+
+    Args:
+        ids / probs: ``(N, k)`` class indices (−1 padding) and probabilities of the soft labels.
+        given: ``(N,)`` class index of each row's given label.
+        confident: ``(N,)`` bool.
+        weight: w in [0, 1].
+
+    Returns:
+        ``(N, k+1)`` ids and probs; the given label is prepended (duplicates add up when made dense).
+    """
+    w = torch.where(confident, torch.tensor(float(weight)), torch.tensor(0.0)).to(probs.dtype)
+    given_ids = torch.as_tensor(given, dtype=ids.dtype).unsqueeze(1)
+    mixed_ids = torch.cat([given_ids, ids], dim=1)
+    mixed_probs = torch.cat([w.unsqueeze(1), probs * (1 - w).unsqueeze(1)], dim=1)
+    return mixed_ids, mixed_probs
 
 
 def train_student(
