@@ -92,7 +92,10 @@ class _StageHandle:
             state.stage(call.name, state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
         entry = state.stage_entry(call.name)
-        seconds = (entry.get("finished") or entry.get("slot_released") or time.time()) - entry.get("started", started)
+        if "slot_acquired" in entry:  # time on the device, not the wait for a free slot
+            seconds = entry.get("slot_released", time.time()) - entry["slot_acquired"]
+        else:
+            seconds = (entry.get("finished") or time.time()) - entry.get("started", started)
         if cached:
             state.stage(call.name, state="cached", outputs=value, seconds=0.0,
                         why=f"same inputs, config and code as an earlier run (key {call.key[:12]})")
