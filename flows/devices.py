@@ -51,6 +51,11 @@ class DevicePool:
         self.prefix = prefix
         self._next = 0
         self._lock = threading.Lock()
+        # In-process view of free slots: stages of this flow wait on a condition instead of polling the
+        # server (which would take CPU from the training it waits for); the Prefect limit still guards
+        # against other flows and processes using the same devices.
+        self._local_free = [max_tasks_per_device] * len(self.devices)
+        self._changed = threading.Condition(self._lock)
 
     def limit_name(self, index: int) -> str:
         return f"{self.prefix}-{index}"
@@ -81,37 +86,39 @@ class DevicePool:
                     client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
         log.info("device pool: %s, %d stage(s) per device", ", ".join(self.devices), self.max_tasks)
 
-    def _free_slots(self) -> list[int]:
-        with get_client(sync_client=True) as client:
-            free = []
-            for i in range(len(self.devices)):
-                limit = client.read_global_concurrency_limit_by_name(self.limit_name(i))
-                free.append(limit.limit - limit.active_slots)
-        return free
-
     @contextmanager
     def acquire(self, stage: str) -> Iterator[tuple[int, str]]:
-        """Hold one slot of the first device with a free slot (round-robin start); yields (index, device)."""
+        """Hold one slot of a device with a free slot (round-robin start); yields (index, device)."""
         n = len(self.devices)
         while True:
-            with self._lock:
+            with self._changed:
+                while not any(self._local_free):
+                    self._changed.wait()
                 start = self._next
                 self._next = (self._next + 1) % n
-            free = self._free_slots()
-            for offset in range(n):
-                i = (start + offset) % n
-                if free[i] <= 0:
-                    continue
-                try:
-                    ctx = concurrency(self.limit_name(i), occupy=1, timeout_seconds=5, strict=True,
-                                      lease_duration=LEASE_SECONDS)
-                    ctx.__enter__()
-                except TimeoutError:
-                    continue
-                try:
-                    log.info("%s: running on %s (slot of %s)", stage, self.devices[i], self.limit_name(i))
-                    yield i, self.devices[i]
-                finally:
-                    ctx.__exit__(None, None, None)
-                return
-            time.sleep(POLL_SECONDS)
+                order = [(start + k) % n for k in range(n)]
+                index = next(i for i in order if self._local_free[i] > 0)
+                self._local_free[index] -= 1
+            try:
+                ctx = concurrency(self.limit_name(index), occupy=1, timeout_seconds=5, strict=True,
+                                  lease_duration=LEASE_SECONDS)
+                ctx.__enter__()
+            except TimeoutError:  # another process holds this device: give the local slot back, retry
+                self._release_local(index)
+                time.sleep(POLL_SECONDS)
+                continue
+            except BaseException:
+                self._release_local(index)
+                raise
+            try:
+                log.info("%s: running on %s (slot of %s)", stage, self.devices[index], self.limit_name(index))
+                yield index, self.devices[index]
+            finally:
+                ctx.__exit__(None, None, None)
+                self._release_local(index)
+            return
+
+    def _release_local(self, index: int) -> None:
+        with self._changed:
+            self._local_free[index] += 1
+            self._changed.notify_all()
