@@ -11,7 +11,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fat_distill.distill import STUDENT_METHODS, StudentConfig, TeacherConfig
-from fat_distill.train import TrainConfig
 
 
 class _Section(BaseModel):

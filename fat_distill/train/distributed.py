@@ -66,7 +66,7 @@ from fat_distill.train.loop import (
     FitResult,
     NonFiniteLossError,
     _progress,
-    _prune_checkpoints,
+    finish_epoch,
     _refresh_centres,
     _train_epoch,
     build_optimizer,
@@ -366,11 +366,7 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
                                     history, rngs[0])
                 state["rng_by_rank"] = rngs
                 save_checkpoint(last_ckpt, state)
-                _prune_checkpoints(checkpoint_dir, epoch, config.keep_checkpoints)
-                log.info("%s: epoch %d/%d %s", stage, epoch + 1, config.epochs,
-                         " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, stats)
+                finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
         if bar is not None:
             bar.stop()

@@ -205,11 +205,7 @@ def fit(
             last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), epoch_state(
                 epoch, cfg_hash, stage, model, objective, optimizer, scheduler, scaler, batch_sampler, history,
                 rng_state()))
-            _prune_checkpoints(checkpoint_dir, epoch, config.keep_checkpoints)
-            log.info("%s: epoch %d/%d %s", stage, epoch + 1, config.epochs,
-                     " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, stats)
+            finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
         if bar is not None:
             bar.stop()
@@ -349,6 +345,15 @@ def _refresh_centres(model, objective, feature_dataset, config, settings, stage)
         indices_all.append(indices.to(settings.device))
     objective.refresh({k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels_all), torch.cat(indices_all))
     model.train()
+
+
+def finish_epoch(checkpoint_dir: Path, epoch: int, config: TrainConfig, stage: str, stats: dict[str, float],
+                 on_epoch_end: Callable[[int, dict[str, float]], None] | None) -> None:
+    """After an epoch's checkpoint is written: prune old ones, log the epoch, call the hook."""
+    _prune_checkpoints(checkpoint_dir, epoch, config.keep_checkpoints)
+    log.info("%s: epoch %d/%d %s", stage, epoch + 1, config.epochs, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+    if on_epoch_end is not None:
+        on_epoch_end(epoch, stats)
 
 
 def _prune_checkpoints(directory: Path, newest: int, keep: int) -> None:
