@@ -115,6 +115,10 @@ def data_index(
     camera_regex: Annotated[Optional[str], typer.Option(help="folders: regex with one group giving the camera id from the file name.")] = None,
     split_identities: Annotated[Optional[float], typer.Option(help="folders: fraction of identities held out as query/gallery test identities.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --split-identities draw.")] = 0,
+    allow_outside_root: Annotated[bool, typer.Option(
+        "--allow-outside-root",
+        help="Index images reached through symlinks that lead outside ROOT, and record that permission in the "
+             "manifest so later stages read them too.")] = False,
 ) -> None:
     """Index a dataset on disk into a [b]dataset[/b] manifest (sample_id, path, pid, camid, split)."""
     from fat_distill.data.layouts import index_dataset
@@ -124,13 +128,15 @@ def data_index(
     try:
         with console.status(f"indexing {root} ({layout}{', decoding every image' if verify else ''})"):
             result = index_dataset(root, layout, camera_regex=camera_regex, split_identities=split_identities,
-                                   seed=seed, strict=strict, verify=verify, skip_bad=skip_bad)
+                                   seed=seed, strict=strict, verify=verify, skip_bad=skip_bad,
+                                   allow_outside_root=allow_outside_root)
         meta = write_manifest(
             result.frame, out, "dataset", stage="data.index",
             config_hash=config_hash({"layout": layout, "camera_regex": camera_regex,
                                      "split_identities": split_identities, "seed": seed, "skip_bad": skip_bad}),
             extra={"dataset_root": str(root.resolve()), "layout": layout,
-                   "unparsed": len(result.unparsed), "bad_images": len(result.bad_images)},
+                   "unparsed": len(result.unparsed), "bad_images": len(result.bad_images),
+                   **({"allow_outside_root": True} if allow_outside_root else {})},
         )
     except USER_ERRORS as exc:
         _fail(exc)
@@ -171,7 +177,8 @@ def data_corrupt(
             err_console.print(f"[yellow]note:[/] dataset root {root!r} not found: pair noise uses a seeded "
                               "fixed pairing (derangement) instead of mean-image look-alikes")
         with console.status(f"corrupting {manifest} ({kind}, rate {rate})"):
-            noisy = corrupt_labels(frame, rate=rate, kind=kind, seed=seed, image_root=image_root, pairing=pairing)
+            noisy = corrupt_labels(frame, rate=rate, kind=kind, seed=seed, image_root=image_root, pairing=pairing,
+                                   allow_outside_root=bool(meta.extra.get("allow_outside_root", False)))
         written = write_manifest(
             noisy, out, "dataset", stage="data.corrupt",
             config_hash=config_hash({"rate": rate, "kind": kind, "seed": seed, "pairing": pairing}),
@@ -199,20 +206,52 @@ def manifest_validate(
     paths: Annotated[list[Path], typer.Argument(help="Manifest file(s) to check.")],
     schema: Annotated[Optional[str], typer.Option(help="Expected schema (dataset, teacher_round, soft_labels, "
                                                        "metrics); default: the one the file names.")] = None,
+    allow_outside_root: Annotated[bool, typer.Option(
+        "--allow-outside-root",
+        help="dataset manifests: accept paths that are absolute, climb out with '..' or are symlinks leaving the "
+             "dataset root.")] = False,
 ) -> None:
-    """Check that manifests match their schema (columns, types, values, unique keys)."""
+    """Check that manifests match their schema (columns, types, values, unique keys).
+
+    For [b]dataset[/b] manifests whose dataset root exists, every path must also stay inside that root
+    (no absolute paths, no '..' escapes, no symlinks leading out), unless the manifest was indexed with
+    --allow-outside-root or you pass it here.
+    """
     failed = 0
     for path in paths:
         try:
             frame = read_manifest(path, schema)
+            note = _check_dataset_paths(path, frame, allow_outside_root)
         except USER_ERRORS as exc:
             failed += 1
             err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False, soft_wrap=True)
             continue
         meta = frame.attrs["manifest"]
-        console.print(f"[green]ok[/] {path}  ({meta.schema} v{meta.version}, {len(frame):,} rows)", highlight=False)
+        console.print(f"[green]ok[/] {path}  ({meta.schema} v{meta.version}, {len(frame):,} rows{note})",
+                      highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(code=2)
+
+
+def _check_dataset_paths(path: Path, frame, allow_outside_root: bool) -> str:
+    """Check a dataset manifest's paths against its root; returns a note for the "ok" line."""
+    from fat_distill.data.paths import check_sample_paths
+
+    meta = frame.attrs["manifest"]
+    if meta.schema != "dataset":
+        return ""
+    root = meta.extra.get("dataset_root")
+    if not root:
+        return "; paths not checked: no dataset_root recorded"
+    root = Path(root) if Path(root).is_absolute() else Path(path).parent / root
+    if not root.is_dir():
+        return f"; paths not checked: dataset root {str(root)!r} is not here"
+    recorded = bool(meta.extra.get("allow_outside_root", False))
+    if allow_outside_root or recorded:
+        return "; paths outside the dataset root permitted" + (" (recorded in the manifest)" if recorded else "")
+    check_sample_paths(frame["path"].astype(str).tolist(), root, sample_ids=frame["sample_id"].astype(str).tolist(),
+                       where=str(path))
+    return "; all paths inside the dataset root"
 
 
 def _render_summary(summary: dict) -> None:

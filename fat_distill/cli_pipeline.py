@@ -140,6 +140,10 @@ def register(app: typer.Typer) -> None:
         deployment: Annotated[Optional[str], typer.Option(
             help="Trigger this deployment (e.g. 'pipeline') on a Prefect server instead of running here; "
                  "needs PREFECT_API_URL.")] = None,
+        allow_outside_root: Annotated[bool, typer.Option(
+            "--allow-outside-root",
+            help="Read images whose manifest paths are absolute, climb out of the dataset root with '..' or are "
+                 "symlinks leading out of it (same as --set data.allow_outside_root=true).")] = False,
     ) -> None:
         """Run the pipeline: data → noise → teacher rounds → soft labels → student + baselines → evaluation.
 
@@ -148,6 +152,8 @@ def register(app: typer.Typer) -> None:
         """
         from fat_distill.pipeline.overrides import ConfigError
 
+        if allow_outside_root:
+            overrides = [*(overrides or []), "data.allow_outside_root=true"]
         try:
             cfg = _load(config, overrides)
         except ConfigError as exc:

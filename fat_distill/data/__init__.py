@@ -4,13 +4,15 @@ from fat_distill.data.image_dataset import ImageDecodeError, ManifestImageDatase
 from fat_distill.data.images import IMAGE_SUFFIXES, check_image
 from fat_distill.data.layouts import LAYOUTS, DatasetLayoutError, IndexResult, index_dataset
 from fat_distill.data.noise import corrupt_labels, noise_summary, pair_partners
+from fat_distill.data.paths import UnsafeSamplePathError, check_sample_paths, find_paths_outside_root
 from fat_distill.data.sampler import IdentityBatchSampler, IdentitySampler
 from fat_distill.data.synth import NuisanceConfig, SynthSummary, generate_synthetic_reid
 from fat_distill.data.transforms import build_transforms
 
 __all__ = [
     "IMAGE_SUFFIXES", "LAYOUTS", "DatasetLayoutError", "IdentityBatchSampler", "IdentitySampler", "ImageDecodeError",
-    "IndexResult", "ManifestImageDataset", "NuisanceConfig", "SynthSummary", "build_label_map", "build_transforms",
-    "check_image", "corrupt_labels", "decode_image_file", "generate_synthetic_reid", "index_dataset",
+    "IndexResult", "ManifestImageDataset", "NuisanceConfig", "SynthSummary", "UnsafeSamplePathError",
+    "build_label_map", "build_transforms", "check_image", "check_sample_paths", "corrupt_labels",
+    "decode_image_file", "find_paths_outside_root", "generate_synthetic_reid", "index_dataset",
     "noise_summary", "pair_partners",
 ]

@@ -14,6 +14,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
+from fat_distill.data.paths import check_sample_paths
+
 REPAIR_HINT = "run `fat-distill data index --verify --skip-bad` to find and drop unreadable images"
 
 # Leading bytes of the formats torchvision decodes natively (libjpeg-turbo,
@@ -116,10 +118,14 @@ class ManifestImageDataset(Dataset):
         label_map: ``{label: index}``; pass the training set's map to give
             another split the same class indices. ``None`` builds it from the
             sorted distinct labels of ``frame``.
+        allow_outside_root: read paths that are absolute, climb out with ``..``
+            or are symlinks leaving ``root`` (rejected by default, see
+            :mod:`fat_distill.data.paths`).
 
     Raises:
         ValueError: a required column is missing, a label is missing (NaN), or a
             label is not in the given ``label_map`` (the first such row is named).
+        UnsafeSamplePathError: a path leaves ``root`` (the first such row is named).
     """
 
     def __init__(
@@ -130,6 +136,7 @@ class ManifestImageDataset(Dataset):
         transform: Callable[[Tensor], Tensor] | None = None,
         label_column: str = "pid",
         label_map: Mapping[Hashable, int] | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         missing = [column for column in ("sample_id", "path", label_column) if column not in frame.columns]
         if missing:
@@ -148,6 +155,8 @@ class ManifestImageDataset(Dataset):
         self.label_column = label_column
         self.sample_ids: list[str] = frame["sample_id"].astype(str).tolist()
         self.paths: list[str] = frame["path"].astype(str).tolist()
+        check_sample_paths(self.paths, self.root, sample_ids=self.sample_ids, allow_outside_root=allow_outside_root,
+                           where="ManifestImageDataset")
         self.label_map: dict[Hashable, int] = (
             build_label_map(labels) if label_map is None else dict(label_map)
         )

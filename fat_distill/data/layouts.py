@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from fat_distill.data.images import find_unreadable_images, is_image_file
+from fat_distill.data.paths import check_sample_paths
 
 __all__ = [
     "LAYOUTS",
@@ -158,6 +159,7 @@ def index_dataset(
     strict: bool = False,
     verify: bool = False,
     skip_bad: bool = False,
+    allow_outside_root: bool = False,
 ) -> IndexResult:
     """Index the images under ``root`` into the ``dataset`` table.
 
@@ -178,6 +180,11 @@ def index_dataset(
             undecodable ones as bad.
         skip_bad: drop missing/undecodable images and list them in
             ``bad_images`` instead of raising :class:`UnreadableImageError`.
+        allow_outside_root: index images reached through symlinks that lead
+            outside ``root`` (a dataset assembled from links to another disk).
+            By default they are refused, because every reader of the manifest
+            refuses them too (see :mod:`fat_distill.data.paths`); the caller
+            records the permission with the manifest.
 
     Returns:
         An :class:`IndexResult`.
@@ -190,6 +197,7 @@ def index_dataset(
         UnparsedNamesError: with ``strict=True``, some names not parsable.
         UnreadableImageError: bad images found and ``skip_bad`` is False.
         DatasetLayoutError: bad arguments, or other layout mismatches.
+        UnsafeSamplePathError: a symlink leads outside ``root`` and ``allow_outside_root`` is False.
     """
     if layout not in LAYOUTS:
         raise DatasetLayoutError(
@@ -225,6 +233,8 @@ def index_dataset(
             f".jpg .jpeg .png .bmp .pgm .ppm .tif .tiff .webp). Check the path."
         )
     _check_unique_sample_ids(rows, root)
+    check_sample_paths([row["path"] for row in rows], root, sample_ids=[row["sample_id"] for row in rows],
+                       allow_outside_root=allow_outside_root, where=f"indexing {root}")
     unparsed.sort()
     if unparsed:
         message = (

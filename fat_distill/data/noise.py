@@ -62,6 +62,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fat_distill.data.paths import check_sample_paths
+
 NOISE_KINDS: tuple[str, ...] = ("flip", "pair", "outlier", "multi")
 """The base noise kinds a row can carry (besides ``"clean"``)."""
 
@@ -93,6 +95,7 @@ def corrupt_labels(
     image_root: str | Path | None = None,
     pairing: str | Mapping[int, int] | None = None,
     mix_kinds: Sequence[str] = DEFAULT_MIX_KINDS,
+    allow_outside_root: bool = False,
 ) -> pd.DataFrame:
     """Inject label noise with known truth into the train split of a ``dataset`` frame.
 
@@ -116,6 +119,8 @@ def corrupt_labels(
             given, else ``"derangement"``. See :func:`pair_partners`.
         mix_kinds: distinct base kinds that ``kind="mix"`` splits the noise
             between; ignored for other kinds.
+        allow_outside_root: let ``mean_image`` pairing read paths that leave
+            ``image_root`` (see :mod:`fat_distill.data.paths`).
 
     Returns:
         A new frame: the input columns, with ``pid`` corrupted on the chosen
@@ -131,6 +136,7 @@ def corrupt_labels(
             frame already noisy, fewer than two training identities, or a rate
             too high for ``outlier`` / ``multi`` on this frame.
         FileNotFoundError: an image needed for ``mean_image`` pairing is missing.
+        UnsafeSamplePathError: ``mean_image`` pairing would read a path outside ``image_root``.
     """
     rate_q = _check_rate(rate)
     kinds = _check_kinds(kind, mix_kinds)
@@ -176,6 +182,10 @@ def corrupt_labels(
     n_inplace = counts.get("flip", 0) + counts.get("pair", 0)
     inplace_kinds = [k for k in kinds if k in ("flip", "pair")]
     if n_inplace:
+        if image_root is not None:
+            check_sample_paths(out["path"].astype(str).tolist(), image_root,
+                               sample_ids=out["sample_id"].astype(str).tolist(),
+                               allow_outside_root=allow_outside_root, where="corrupt_labels (mean_image pairing)")
         _relabel_in_place(
             kept_rows, counts, per_kind_factor * len(inplace_kinds), n_inplace, pids, new_pid, new_kind,
             frame=out, seed=seed, image_root=image_root, pairing=pairing,

@@ -6,6 +6,7 @@ and over manifests (:func:`run_teacher`, :func:`make_soft_labels`,
 the Prefect flows only call these.
 """
 
+from fat_distill.distill._common import DatasetInput, load_dataset
 from fat_distill.distill.confidence import (
     CONFIDENCE_RULES,
     ConfidenceScores,
@@ -42,9 +43,9 @@ from fat_distill.distill.teacher import (
 )
 
 __all__ = [
-    "CONFIDENCE_RULES", "STUDENT_METHODS", "ConfidenceScores", "StudentConfig", "StudentResult", "TeacherConfig",
+    "CONFIDENCE_RULES", "STUDENT_METHODS", "ConfidenceScores", "DatasetInput", "StudentConfig", "StudentResult", "TeacherConfig",
     "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection", "evaluate_student",
-    "fold_dir", "fold_train_mask", "gmm_clean_posterior", "make_soft_labels", "round_dir", "round_manifest_path",
+    "fold_dir", "fold_train_mask", "gmm_clean_posterior", "load_dataset", "make_soft_labels", "round_dir", "round_manifest_path",
     "run_teacher", "run_teacher_fold", "run_teacher_round", "score_confidence", "soft_labels_from_logits",
     "soft_labels_from_probs", "soft_targets_for", "student_label_map", "student_training_rows",
     "teacher_checkpoints", "train_student",

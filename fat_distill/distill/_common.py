@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fat_distill.data.paths import check_sample_paths
 from fat_distill.manifests import ManifestError, ManifestMeta, read_manifest, read_manifest_meta
 from fat_distill.models import EmbeddingModel, build_model
 from fat_distill.train import CheckpointError, DeviceSettings, TrainConfig, device_settings, resolve_device
@@ -36,20 +37,29 @@ class DatasetInput:
     frame: pd.DataFrame
     root: Path
     meta: ManifestMeta
+    allow_outside_root: bool = False
 
     @property
     def content_hash(self) -> str:
         return self.meta.content_hash or ""
 
 
-def load_dataset(path: str | os.PathLike) -> DatasetInput:
-    """Read a ``dataset`` manifest and resolve ``extra["dataset_root"]``.
+def load_dataset(path: str | os.PathLike, *, allow_outside_root: bool | None = None) -> DatasetInput:
+    """Read a ``dataset`` manifest, resolve ``extra["dataset_root"]`` and check that every path stays inside it.
 
     A relative root is taken relative to the manifest's folder.
+
+    Args:
+        path: the ``dataset`` manifest.
+        allow_outside_root: permit absolute paths, ``..`` escapes and symlinks
+            leaving the root. ``None`` follows the manifest: ``True`` only if it
+            was indexed (or accepted by a pipeline) with ``--allow-outside-root``,
+            recorded as ``extra["allow_outside_root"]``.
 
     Raises:
         ManifestError: the manifest is missing or invalid.
         ValueError: the manifest records no dataset root, or the root is not a folder.
+        UnsafeSamplePathError: a path leaves the root (the row and sample_id are named).
     """
     path = Path(path)
     frame = read_manifest(path, "dataset")
@@ -64,7 +74,11 @@ def load_dataset(path: str | os.PathLike) -> DatasetInput:
     if not root.is_dir():
         raise ValueError(f"{path}: dataset root {str(root)!r} is not a folder; move the images back or "
                          "re-index the dataset where they are now")
-    return DatasetInput(path=path, frame=frame, root=root, meta=meta)
+    if allow_outside_root is None:
+        allow_outside_root = bool(meta.extra.get("allow_outside_root", False))
+    check_sample_paths(frame["path"].astype(str).tolist(), root, sample_ids=frame["sample_id"].astype(str).tolist(),
+                       allow_outside_root=allow_outside_root, where=str(path))
+    return DatasetInput(path=path, frame=frame, root=root, meta=meta, allow_outside_root=allow_outside_root)
 
 
 def train_rows(frame: pd.DataFrame, where: str) -> pd.DataFrame:

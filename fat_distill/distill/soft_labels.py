@@ -194,7 +194,8 @@ def make_soft_labels(
     confident = align_to_rows(round_frame, train, "confident", final_round_manifest).astype(bool)
 
     settings = stage_settings(device, config.train)
-    data = build_train_data(train, dataset.root, config.train, label_map=label_map)
+    data = build_train_data(train, dataset.root, config.train, label_map=label_map,
+                            allow_outside_root=dataset.allow_outside_root)
     logits = np.zeros((len(train), len(label_map)), dtype=np.float32)
     if len(checkpoints) == 1:
         groups = [(checkpoints[0], np.arange(len(train)))]

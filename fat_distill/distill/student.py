@@ -181,7 +181,7 @@ def train_student(
     claim_directory(out_dir, {"stage": stage, "config": config.training_hash(), "dataset": dataset.content_hash,
                               "soft_labels": manifest_hash(soft_labels_manifest)}, stage)
     setup = functools.partial(_student_setup, train, dataset.root, label_column, label_map, soft_ids, soft_probs,
-                              confident, config)
+                              confident, config, allow_outside_root=dataset.allow_outside_root)
     if is_data_parallel(config.train):
         if device not in (None, "auto"):
             log.info("%s: train.devices %s set, so the device argument %s is not used", stage,
@@ -199,9 +199,10 @@ def train_student(
 
 def _student_setup(train: pd.DataFrame, root: Path, label_column: str, label_map: dict[Hashable, int],
                    soft_ids: torch.Tensor | None, soft_probs: torch.Tensor | None, confident: torch.Tensor | None,
-                   config: StudentConfig, settings: DeviceSettings) -> TrainingSetup:
+                   config: StudentConfig, settings: DeviceSettings, *, allow_outside_root: bool = False) -> TrainingSetup:
     """The student's data, model and objective on one device (each data-parallel rank calls it too)."""
-    data = build_train_data(train, root, config.train, label_column=label_column, label_map=label_map)
+    data = build_train_data(train, root, config.train, label_column=label_column, label_map=label_map,
+                            allow_outside_root=allow_outside_root)
     model = new_model(config.train, data.num_classes, settings)
     hard_target = "smooth" if config.smoothing > 0 else "hard"
     objective = build_objective(
@@ -258,7 +259,8 @@ def evaluate_student(
     batch_size = max(64, config.train.batch_size)
     features = [extract_manifest_features(model, part, dataset.root, image_size=tuple(config.train.image_size),
                                           batch_size=batch_size, device=settings.device,
-                                          num_workers=config.train.num_workers, flip=config.flip_test)
+                                          num_workers=config.train.num_workers, flip=config.flip_test,
+                                          allow_outside_root=dataset.allow_outside_root)
                 for part in (query, gallery)]
     result = evaluate_retrieval(features[0], features[1], query["pid"].to_numpy(dtype=np.int64, copy=True),
                                 gallery["pid"].to_numpy(dtype=np.int64, copy=True),

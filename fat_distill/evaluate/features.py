@@ -137,6 +137,7 @@ def extract_manifest_features(
     device: str | torch.device,
     num_workers: int = 0,
     flip: bool = True,
+    allow_outside_root: bool = False,
 ) -> Tensor:
     """Features of the images listed in a ``dataset`` manifest frame, in the frame's row order.
 
@@ -153,6 +154,7 @@ def extract_manifest_features(
         device: where the model runs.
         num_workers: DataLoader worker processes decoding images.
         flip: average with the horizontally flipped image.
+        allow_outside_root: permit paths that leave ``root`` (see :mod:`fat_distill.data.paths`).
 
     Returns:
         shape (len(frame), D), float32, unit L2 norm, on the CPU; row i is ``frame.iloc[i]``.
@@ -162,7 +164,8 @@ def extract_manifest_features(
     if len(frame) == 0:
         raise ValueError("extract_manifest_features: the frame has no rows")
     device = torch.device(device)
-    dataset = ManifestImageDataset(frame, root, transform=build_transforms(tuple(image_size), train=False))
+    dataset = ManifestImageDataset(frame, root, transform=build_transforms(tuple(image_size), train=False),
+                                   allow_outside_root=allow_outside_root)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

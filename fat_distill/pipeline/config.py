@@ -42,6 +42,9 @@ class DataSection(_Section):
     verify: bool = Field(False, description="decode every image while indexing")
     skip_bad: bool = False
     manifest: str | None = Field(None, description="source 'manifest': a dataset manifest to use as it is")
+    allow_outside_root: bool = Field(False, description="read images whose paths are absolute, climb out of the "
+                                                        "dataset root with '..' or are symlinks leading out of it "
+                                                        "(refused by default)")
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:

@@ -18,6 +18,7 @@ from fat_distill.distill import (
     TeacherConfig,
     evaluate_noise_detection,
     evaluate_student,
+    load_dataset,
     make_soft_labels,
     round_manifest_path,
     run_teacher_fold,
@@ -40,10 +41,12 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
     work_dir = Path(work_dir)
     out = work_dir / "dataset.parquet"
     if config.source == "manifest":
-        frame = read_manifest(config.manifest, "dataset")
-        meta = frame.attrs["manifest"]
-        write_manifest(frame, out, "dataset", stage="data.manifest", config_hash=config_hash(config),
-                       parents=[parent_ref(config.manifest, meta)], extra=meta.extra)
+        # This run's config decides, not a permission the given manifest may carry.
+        given = load_dataset(config.manifest, allow_outside_root=config.allow_outside_root)
+        extra = {key: value for key, value in given.meta.extra.items() if key != "allow_outside_root"}
+        write_manifest(given.frame, out, "dataset", stage="data.manifest", config_hash=config_hash(config),
+                       parents=[parent_ref(config.manifest, given.meta)],
+                       extra={**extra, "dataset_root": str(given.root.resolve()), **_permission(config)})
         return {"dataset": str(out)}
     if config.source == "synth":
         s = config.synth
@@ -60,13 +63,20 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
         layout = config.layout
         result = index_dataset(root, layout, camera_regex=config.camera_regex,
                                split_identities=config.split_identities, seed=config.split_seed,
-                               verify=config.verify, skip_bad=config.skip_bad)
+                               verify=config.verify, skip_bad=config.skip_bad,
+                               allow_outside_root=config.allow_outside_root)
     for warning in result.warnings:
         log.warning("data: %s", warning)
     write_manifest(result.frame, out, "dataset", stage="data.index", config_hash=config_hash(config),
                    extra={"dataset_root": str(Path(root).resolve()), "layout": layout,
-                          "bad_images": len(result.bad_images), "unparsed": len(result.unparsed)})
+                          "bad_images": len(result.bad_images), "unparsed": len(result.unparsed),
+                          **_permission(config)})
     return {"dataset": str(out)}
+
+
+def _permission(config: DataSection) -> dict:
+    """The manifest's record that later stages may read outside the dataset root (absent unless granted)."""
+    return {"allow_outside_root": True} if config.allow_outside_root else {}
 
 
 def noise_stage(dataset: str | Path, config: NoiseSection, work_dir: str | Path) -> Outputs:
@@ -83,7 +93,8 @@ def noise_stage(dataset: str | Path, config: NoiseSection, work_dir: str | Path)
         if config.kind in ("pair", "mix"):
             pairing = config.pairing or ("mean_image" if image_root else "derangement")
         frame = corrupt_labels(frame, rate=config.rate, kind=config.kind, seed=config.seed,
-                               image_root=image_root if pairing == "mean_image" else None, pairing=pairing)
+                               image_root=image_root if pairing == "mean_image" else None, pairing=pairing,
+                               allow_outside_root=bool(meta.extra.get("allow_outside_root", False)))
     write_manifest(frame, out, "dataset", stage="noise", config_hash=config_hash(config),
                    parents=[parent_ref(dataset, meta)], extra={**meta.extra, "noise": config.model_dump(mode="json")})
     return {"dataset": str(out)}

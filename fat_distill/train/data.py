@@ -37,6 +37,7 @@ def build_train_data(
     label_column: str = "pid",
     label_map: Mapping[Hashable, int] | None = None,
     train_mask: np.ndarray | None = None,
+    allow_outside_root: bool = False,
 ) -> TrainData:
     """Datasets and a P×K batch sampler over the rows of ``frame``.
 
@@ -46,14 +47,17 @@ def build_train_data(
         label_column: ``pid`` (given labels) or ``true_pid`` (the oracle).
         label_map: label → class index; default: built from ``frame`` (sorted labels).
         train_mask: ``(len(frame),)`` bool: only these rows are sampled (e.g. confident samples).
+        allow_outside_root: permit paths that leave ``root`` (see :mod:`fat_distill.data.paths`).
     """
     frame = frame.reset_index(drop=True)
     train_tf = build_transforms(tuple(config.image_size), train=True, flip_p=config.flip_p, pad=config.pad,
                                 random_erasing_p=config.random_erasing_p)
     eval_tf = build_transforms(tuple(config.image_size), train=False)
-    dataset = ManifestImageDataset(frame, root, transform=train_tf, label_column=label_column, label_map=label_map)
+    dataset = ManifestImageDataset(frame, root, transform=train_tf, label_column=label_column, label_map=label_map,
+                                   allow_outside_root=allow_outside_root)
+    # Same rows and root, already checked: the second dataset need not walk the paths again.
     feature_dataset = ManifestImageDataset(frame, root, transform=eval_tf, label_column=label_column,
-                                           label_map=dataset.label_map)
+                                           label_map=dataset.label_map, allow_outside_root=True)
     sampler = IdentityBatchSampler(dataset.labels, config.batch_p, config.batch_k, seed=config.seed,
                                    train_mask=train_mask)
     return TrainData(dataset=dataset, feature_dataset=feature_dataset, batch_sampler=sampler,
