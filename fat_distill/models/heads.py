@@ -79,9 +79,12 @@ class BNNeckHead(nn.Module):
             projects to it.
         num_classes: number of identities the classifier predicts; ``0`` builds
             no classifier and ``logits`` is ``None``.
+        always_project: build the linear projection even when ``embedding_dim``
+            equals ``in_features`` (JLML's per-branch feature-selection layer).
     """
 
-    def __init__(self, in_features: int, embedding_dim: int | None = None, num_classes: int = 0) -> None:
+    def __init__(self, in_features: int, embedding_dim: int | None = None, num_classes: int = 0, *,
+                 always_project: bool = False) -> None:
         super().__init__()
         if in_features < 1:
             raise ValueError(f"in_features must be >= 1, got {in_features}")
@@ -95,7 +98,8 @@ class BNNeckHead(nn.Module):
         self.num_classes = num_classes
 
         self.projection: nn.Module = (
-            nn.Identity() if embedding_dim == in_features else nn.Linear(in_features, embedding_dim)
+            nn.Identity() if embedding_dim == in_features and not always_project
+            else nn.Linear(in_features, embedding_dim)
         )
         self.bottleneck = nn.BatchNorm1d(embedding_dim)
         # A learnable BN shift would move f_i off the origin; the classifier has

@@ -100,6 +100,11 @@ class JLMLModel(EmbeddingModel):
     vectors concatenated, (B, D), used for retrieval; the top-level ``logits`` are
     the mean of the branch logits, a single prediction for confidence scoring.
 
+    Each branch ends in a linear feature-selection layer (pooled vector →
+    D/2); the paper's structured-sparsity regulariser, a group-lasso (L2,1)
+    penalty on those layers, is optional (``TrainConfig.group_lasso_weight``,
+    off by default) and switches off whole input features.
+
     Args:
         num_classes: identities per classifier; 0 = feature-only model.
         embedding_dim: total width D of the concatenated features, split equally
@@ -136,8 +141,21 @@ class JLMLModel(EmbeddingModel):
         )
         self.pooling = pooling
         branch_dim = embedding_dim // 2
-        self.global_head = BNNeckHead(self.backbone.global_channels, branch_dim, num_classes)
-        self.local_head = BNNeckHead(num_stripes * self.backbone.stripe_channels, branch_dim, num_classes)
+        # Each branch keeps its linear feature-selection layer even when the widths match:
+        # it is what the group-lasso penalty (feature_selection_weights) acts on.
+        self.global_head = BNNeckHead(self.backbone.global_channels, branch_dim, num_classes, always_project=True)
+        self.local_head = BNNeckHead(num_stripes * self.backbone.stripe_channels, branch_dim, num_classes,
+                                     always_project=True)
+
+    def feature_selection_weights(self) -> dict[str, Tensor]:
+        """Each branch's feature-selection layer weight, ``(branch_dim, pooled width)``.
+
+        Their input columns are the pooled channels of the branch (for the local
+        branch, stripe by stripe); an all-zero column is a deselected feature.
+        ``TrainConfig.group_lasso_weight > 0`` applies the group-lasso (L2,1)
+        proximal step to them (see :mod:`fat_distill.models.sparsity`).
+        """
+        return {"global": self.global_head.projection.weight, "local": self.local_head.projection.weight}
 
     def forward(self, images: Tensor) -> EmbeddingOutput:
         """Args:

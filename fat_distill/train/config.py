@@ -38,6 +38,12 @@ class TrainConfig(BaseModel):
     warmup_factor: float = Field(0.1, gt=0, le=1, description="lr multiplier at the start of warmup")
     min_lr_factor: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm at this value")
+    group_lasso_weight: float = Field(
+        0.0, ge=0,
+        description="JLML structured sparsity: weight of the group-lasso (L2,1) penalty on each branch's "
+                    "feature-selection layer, applied as a proximal step after every optimiser step so unused "
+                    "input features become exactly zero; 0 = off (models without feature-selection layers "
+                    "refuse a non-zero value)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     amp: bool | None = Field(None, description="mixed precision; None = on for CUDA only")
     channels_last: bool | None = Field(None, description="None = on for CUDA only")

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.errors import LiveError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from fat_distill.config_hash import config_hash
 from fat_distill.data.sampler import IdentityBatchSampler
+from fat_distill.models.sparsity import group_l21_norm, prox_group_l21_, zero_group_fraction
 from fat_distill.train.checkpoint import (
     FINAL_NAME,
     CheckpointError,
@@ -285,6 +287,7 @@ def final_state(cfg_hash: str, stage: str, model: nn.Module, objective: nn.Modul
 def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings, stage, epoch,
                  last_ckpt, bar) -> dict[str, float]:
     model.train()
+    selection = _feature_selection(model, optimizer, config, stage)
     sums: dict[str, float] = defaultdict(float)
     seen, started = 0, time.perf_counter()
     task = None
@@ -307,6 +310,8 @@ def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config,
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        for weight, group in selection:
+            prox_group_l21_(weight, group["lr"] * config.group_lasso_weight)
         scheduler.step()
         objective.after_step(output, labels, indices)
         n = images.shape[0]
@@ -324,7 +329,25 @@ def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config,
     stats = {k: v / max(1, seen) for k, v in sums.items()}
     stats.update({"images_per_s": seen / max(1e-9, elapsed), "seconds": elapsed,
                   "lr": optimizer.param_groups[-1]["lr"]})
+    if selection:
+        weights = [weight for weight, _ in selection]
+        stats["group_lasso"] = config.group_lasso_weight * float(sum(group_l21_norm(w.detach()) for w in weights))
+        stats["zero_feature_fraction"] = float(np.mean([zero_group_fraction(w) for w in weights]))
     return stats
+
+
+def _feature_selection(model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                       stage: str) -> list[tuple[Tensor, dict]]:
+    """The feature-selection weights the group-lasso step acts on, each with its optimiser param group."""
+    if config.group_lasso_weight == 0:
+        return []
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    if not hasattr(inner, "feature_selection_weights"):
+        raise ValueError(f"stage {stage!r}: train.group_lasso_weight={config.group_lasso_weight} needs a model with "
+                         f"feature-selection layers (jlml), but {type(inner).__name__} has none; set it to 0 or "
+                         "use model: jlml")
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    return [(weight, group_of[id(weight)]) for weight in inner.feature_selection_weights().values()]
 
 
 @torch.no_grad()
