@@ -21,7 +21,8 @@ Losses:
   dataset-level centres; :class:`HybridFATLoss` adds cross-entropy (hard, smoothed
   or soft teacher targets).
 - Baselines: :class:`BatchHardTripletLoss`, :class:`BatchAllTripletLoss`,
-  :class:`ImprovedTripletLoss`, :class:`ContrastiveLoss`,
+  :class:`ImprovedTripletLoss`, :class:`MarginSampleMiningLoss` (MSML),
+  :class:`QuadrupletLoss`, :class:`ContrastiveLoss`,
   :class:`LiftedStructuredLoss`, :class:`CentreLoss`,
   :class:`LabelSmoothingCrossEntropy`, :class:`SoftTargetCrossEntropy`.
 
@@ -43,12 +44,17 @@ from fat_distill.losses.centre_bank import (
     finish_centres,
 )
 from fat_distill.losses.centre_loss import CentreLoss
-from fat_distill.losses.classification import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from fat_distill.losses.classification import (
+    LabelSmoothingCrossEntropy,
+    SoftTargetCrossEntropy,
+)
 from fat_distill.losses.distances import distance_matrix, paired_distance
 from fat_distill.losses.fat import FATLoss
 from fat_distill.losses.hybrid import HybridFATLoss
+from fat_distill.losses.margin_mining import MarginSampleMiningLoss, closest_pair
 from fat_distill.losses.output import IdentityLoss, LossOutput
 from fat_distill.losses.pairs import ContrastiveLoss, LiftedStructuredLoss
+from fat_distill.losses.quadruplet import QuadrupletLoss, hardest_foreign_pairs
 from fat_distill.losses.triplet import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
@@ -64,6 +70,8 @@ LOSSES: dict[str, type[IdentityLoss]] = {
     "batch_hard_triplet": BatchHardTripletLoss,
     "batch_all_triplet": BatchAllTripletLoss,
     "improved_triplet": ImprovedTripletLoss,
+    "margin_sample_mining": MarginSampleMiningLoss,
+    "quadruplet": QuadrupletLoss,
     "contrastive": ContrastiveLoss,
     "lifted_structured": LiftedStructuredLoss,
     "centre": CentreLoss,
@@ -86,12 +94,16 @@ __all__ = [
     "LabelSmoothingCrossEntropy",
     "LiftedStructuredLoss",
     "LossOutput",
+    "MarginSampleMiningLoss",
+    "QuadrupletLoss",
     "SoftTargetCrossEntropy",
     "batch_hard_indices",
     "class_means",
+    "closest_pair",
     "compute_centres",
     "distance_matrix",
     "finish_centres",
+    "hardest_foreign_pairs",
     "pair_masks",
     "paired_distance",
 ]

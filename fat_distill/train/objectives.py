@@ -28,11 +28,13 @@ from fat_distill.losses import (
     IdentityLoss,
     LabelSmoothingCrossEntropy,
     LossOutput,
+    MarginSampleMiningLoss,
+    QuadrupletLoss,
     SoftTargetCrossEntropy,
 )
 from fat_distill.models import EmbeddingOutput
 
-OBJECTIVES = ("ce", "ce_triplet", "fat_hybrid")
+OBJECTIVES = ("ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid")
 
 
 class SampleTable(nn.Module):
@@ -239,12 +241,17 @@ def build_objective(
     centre_momentum: float = 0.9,
     target: str = "hard",
 ) -> Objective:
-    """Build a named objective (``ce``, ``ce_triplet``, ``fat_hybrid``) from plain arguments.
+    """Build a named objective (one of :data:`OBJECTIVES`) from plain arguments.
 
     Args:
         name: ``ce`` (cross-entropy; ``target="soft"`` uses the soft labels),
-            ``ce_triplet`` (label-smoothed CE + batch-hard triplet) or
+            ``ce_triplet`` (label-smoothed CE + batch-hard triplet),
+            ``ce_msml`` (label-smoothed CE + margin sample mining loss),
+            ``ce_quadruplet`` (label-smoothed CE + hard-mined quadruplet loss) or
             ``fat_hybrid`` (normalised FAT + CE with ``target`` hard/smooth/soft).
+        triplet_margin: the metric loss's margin for ``ce_triplet``, ``ce_msml``
+            (both also take ``"soft"``) and ``ce_quadruplet`` (its triplet margin; the
+            negative-pair margin is half of it).
         soft_ids / soft_probs: ``(N, k)`` teacher top-k class indices and probabilities, by dataset index.
         confident: ``(N,)`` bool, by dataset index: which samples build centres.
     """
@@ -254,6 +261,14 @@ def build_objective(
                                        soft=target == "soft")
     if name == "ce_triplet":
         return MetricObjective(samples, BatchHardTripletLoss(triplet_margin), ce_weight=ce_weight, smoothing=smoothing)
+    if name == "ce_msml":
+        return MetricObjective(samples, MarginSampleMiningLoss(triplet_margin), ce_weight=ce_weight,
+                               smoothing=smoothing)
+    if name == "ce_quadruplet":
+        if isinstance(triplet_margin, str):
+            raise ValueError(f"objective 'ce_quadruplet' needs a numeric triplet_margin, got {triplet_margin!r}; "
+                             "the soft margin is defined for ce_triplet and ce_msml only")
+        return MetricObjective(samples, QuadrupletLoss(triplet_margin), ce_weight=ce_weight, smoothing=smoothing)
     if name == "fat_hybrid":
         fat = FATLoss.normalised(margin=fat_margin, aggregation=fat_aggregation, cohesion=fat_cohesion,
                                  cohesion_weight=fat_cohesion_weight)
