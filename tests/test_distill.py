@@ -13,6 +13,7 @@ import torch
 
 from fat_distill.data import corrupt_labels
 from fat_distill.distill import (
+    STUDENT_METHODS,
     StudentConfig,
     TeacherConfig,
     evaluate_noise_detection,
@@ -221,7 +222,7 @@ def test_soft_labels_manifest_is_valid_and_consistent(data, teacher, soft_labels
     assert meta.extra["temperature"] == 2.0 and meta.stage == "teacher.soft_labels"
 
 
-@pytest.mark.parametrize("method", ["distilled", "ce", "ce_triplet", "fat_hybrid_noisy", "oracle"])
+@pytest.mark.parametrize("method", STUDENT_METHODS)
 def test_each_student_method_trains_and_evaluates(data, soft_labels, tmp_path, method):
     config = StudentConfig(train=tiny_train(epochs=2), method=method)
     result = train_student(data["manifest"], config, tmp_path / "ckpt", "cpu",

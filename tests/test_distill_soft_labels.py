@@ -147,3 +147,7 @@ def test_configs_load_from_yaml_and_refuse_unknown_keys():
     assert StudentConfig(method="distilled").objective == "fat_hybrid"
     with pytest.raises(ValidationError, match="triplet_margin"):
         StudentConfig(triplet_margin=-1.0)
+    assert StudentConfig(method="ce_msml", triplet_margin="soft").objective == "ce_msml"
+    assert StudentConfig(method="oracle", oracle_objective="ce_quadruplet").objective == "ce_quadruplet"
+    with pytest.raises(ValidationError, match="quadruplet loss has no soft margin"):
+        StudentConfig(method="ce_quadruplet", triplet_margin="soft")

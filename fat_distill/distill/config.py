@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fat_distill.config_hash import config_hash
 from fat_distill.train import TrainConfig
 
-STUDENT_METHODS = ("distilled", "ce", "ce_triplet", "fat_hybrid_noisy", "oracle")
+STUDENT_METHODS = ("distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy", "oracle")
 
 # Teacher fields that do not change what a given round computes: changing them
 # keeps the rounds already done (e.g. raising `rounds` from 2 to 3 reuses 0 and 1).
@@ -79,6 +79,8 @@ class StudentConfig(BaseModel):
         ce: cross-entropy on the given labels (label-smoothed when ``smoothing > 0``).
         ce_triplet: label-smoothed CE + batch-hard triplet on the given labels
             (the Bag-of-Tricks ReID baseline).
+        ce_msml / ce_quadruplet: the same with the margin-sample-mining or the
+            quadruplet loss instead of the triplet (``triplet_margin`` is their margin).
         fat_hybrid_noisy: hybrid normalised FAT + CE on the given (noisy) labels,
             every sample a centre contributor: FAT without distillation.
         oracle: ``oracle_objective`` on ``true_pid`` (needs the ground truth);
@@ -88,8 +90,9 @@ class StudentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train: TrainConfig = Field(default_factory=TrainConfig)
-    method: Literal["distilled", "ce", "ce_triplet", "fat_hybrid_noisy", "oracle"] = "distilled"
-    oracle_objective: Literal["fat_hybrid", "ce_triplet"] = Field(
+    method: Literal["distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy",
+                    "oracle"] = "distilled"
+    oracle_objective: Literal["fat_hybrid", "ce_triplet", "ce_msml", "ce_quadruplet"] = Field(
         "fat_hybrid", description="objective of the oracle; fat_hybrid isolates the effect of the labels "
                                   "from that of the loss when compared with 'distilled'")
     given_label_weight: float = Field(
@@ -109,7 +112,8 @@ class StudentConfig(BaseModel):
     centre_update: Literal["ema", "epoch"] = Field(
         "ema", description="centres as an EMA bank updated each batch, or refreshed by a pass each epoch")
     centre_momentum: float = Field(0.9, ge=0, lt=1)
-    triplet_margin: float | Literal["soft"] = Field(0.3, description="batch-hard triplet margin or 'soft'")
+    triplet_margin: float | Literal["soft"] = Field(
+        0.3, description="margin of the batch-hard triplet, MSML and quadruplet losses, or 'soft' (not quadruplet)")
     flip_test: bool = Field(True, description="average the features of each image and its mirror image")
     distance: Literal["cosine", "euclidean"] = "cosine"
 
@@ -117,6 +121,8 @@ class StudentConfig(BaseModel):
     def _check(self) -> StudentConfig:
         if isinstance(self.triplet_margin, float) and self.triplet_margin <= 0:
             raise ValueError("triplet_margin must be > 0 or 'soft'")
+        if self.triplet_margin == "soft" and self.objective == "ce_quadruplet":
+            raise ValueError("the quadruplet loss has no soft margin; set triplet_margin to a number")
         return self
 
     def training_hash(self) -> str:
@@ -128,5 +134,5 @@ class StudentConfig(BaseModel):
         """The ``build_objective`` name this method trains with."""
         if self.method == "oracle":
             return self.oracle_objective
-        return {"distilled": "fat_hybrid", "ce": "ce", "ce_triplet": "ce_triplet",
-                "fat_hybrid_noisy": "fat_hybrid"}[self.method]
+        return {"distilled": "fat_hybrid", "ce": "ce", "ce_triplet": "ce_triplet", "ce_msml": "ce_msml",
+                "ce_quadruplet": "ce_quadruplet", "fat_hybrid_noisy": "fat_hybrid"}[self.method]
