@@ -19,6 +19,7 @@ from fat_distill.distill import (
     evaluate_noise_detection,
     evaluate_student,
     fold_train_mask,
+    keep_identities_in_every_fold,
     make_soft_labels,
     run_teacher,
     run_teacher_fold,
@@ -278,3 +279,32 @@ def test_noise_detection_report(data, teacher, tmp_path):
     assert (tmp_path / "confidence_hist_round0.png").exists() and (tmp_path / "noise_pr_round0.png").exists()
     with pytest.raises(ValueError, match="ground truth"):
         evaluate_noise_detection(data["no_truth"], teacher["result"].round_manifests[0], tmp_path / "x.parquet")
+
+
+def test_every_fold_model_keeps_every_identity():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    folds = np.array([0, 0, 1, 1, 0, 0, 1, 1, 0, 0])
+    confidence = np.array([0.9, 0.8, 0.2, 0.3, 0.9, 0.1, 0.6, 0.7, 0.1, 0.2])
+    # identity 0: confident rows only in fold 0 -> fold 0's model would never see it;
+    # identity 1: confident in both folds -> nothing to do;
+    # identity 2: all rows in fold 0 -> fold 0's model cannot see it whatever we do, fold 1's can.
+    confident = np.array([True, True, False, False, True, False, True, False, False, False])
+    kept = keep_identities_in_every_fold(confident, labels, folds, confidence)
+    assert np.flatnonzero(kept & ~confident).tolist() == [3, 9]  # the most confident row outside the fold
+    for k in (0, 1):
+        train = fold_train_mask(kept, folds, k)
+        has_rows_outside = {int(label) for label in labels[folds != k]}
+        assert {int(label) for label in labels[train]} == has_rows_outside
+    assert keep_identities_in_every_fold(kept, labels, folds, confidence).tolist() == kept.tolist()
+
+
+def test_out_of_fold_round_keeps_every_identity_in_every_fold(data, tmp_path):
+    # A strict threshold leaves few confident rows, yet the next round's fold models see every identity.
+    config = TeacherConfig(train=tiny_train(), rounds=1, rule="threshold", threshold=0.99, scoring="oof", folds=2,
+                           min_confident_per_identity=1)
+    result = run_teacher(data["manifest"], config, tmp_path, "cpu")
+    frame = read_manifest(result.final_round_manifest, "teacher_round")
+    for k in (0, 1):
+        train = fold_train_mask(frame["confident"].to_numpy(bool), frame["fold"].to_numpy(), k)
+        assert set(frame["given_label"][train]) == set(frame["given_label"][frame["fold"] != k])
+    assert read_manifest_meta(result.final_round_manifest).extra["kept_for_folds"] > 0  # 6 here: the guard acted

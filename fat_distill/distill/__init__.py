@@ -34,6 +34,7 @@ from fat_distill.distill.teacher import (
     assign_folds,
     fold_dir,
     fold_train_mask,
+    keep_identities_in_every_fold,
     round_dir,
     round_manifest_path,
     run_teacher,
@@ -43,9 +44,10 @@ from fat_distill.distill.teacher import (
 )
 
 __all__ = [
-    "CONFIDENCE_RULES", "STUDENT_METHODS", "ConfidenceScores", "DatasetInput", "StudentConfig", "StudentResult", "TeacherConfig",
-    "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection", "evaluate_student",
-    "fold_dir", "fold_train_mask", "gmm_clean_posterior", "load_dataset", "make_soft_labels", "round_dir", "round_manifest_path",
+    "CONFIDENCE_RULES", "STUDENT_METHODS", "ConfidenceScores", "DatasetInput", "StudentConfig", "StudentResult",
+    "TeacherConfig", "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection", "evaluate_student",
+    "fold_dir", "fold_train_mask", "gmm_clean_posterior", "keep_identities_in_every_fold", "load_dataset",
+    "make_soft_labels", "round_dir", "round_manifest_path",
     "run_teacher", "run_teacher_fold", "run_teacher_round", "score_confidence", "soft_labels_from_logits",
     "soft_labels_from_probs", "soft_targets_for", "student_label_map", "student_training_rows",
     "teacher_checkpoints", "train_student",

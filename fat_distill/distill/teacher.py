@@ -25,6 +25,7 @@ manifest exists with the same settings and inputs is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Hashable
@@ -201,6 +202,43 @@ def _train_model(inputs: _RoundInputs, config: TeacherConfig, round: int, mask: 
     return model, data, settings, result
 
 
+def keep_identities_in_every_fold(confident: np.ndarray, labels: np.ndarray, folds: np.ndarray,
+                                  confidence: np.ndarray) -> np.ndarray:
+    """Confident flags such that every fold model of the next round trains on every identity.
+
+    Fold ``k``'s model trains on the confident rows outside fold ``k``
+    (:func:`fold_train_mask`). ``min_confident_per_identity`` counts over the whole
+    train set, so an identity whose confident rows all sit in fold ``k`` would be
+    missing from that model, and all its rows in fold ``k`` would then look
+    mislabelled. For each such (identity, fold) the most confident row of the
+    identity outside fold ``k`` is kept confident.
+
+    Args:
+        confident: ``(N,)`` bool, the rule's decision.
+        labels: ``(N,)`` int class index of the given label.
+        folds: ``(N,)`` fold of each row.
+        confidence: ``(N,)`` the rule's confidence (ties broken by row order).
+
+    Returns:
+        ``(N,)`` bool: ``confident`` with the fewest rows added (none when nothing is missing).
+    """
+    confident = np.asarray(confident, dtype=bool).copy()
+    labels, folds = np.asarray(labels, dtype=np.int64), np.asarray(folds, dtype=np.int64)
+    num_classes, num_folds = int(labels.max()) + 1, int(folds.max()) + 1
+    rows = np.zeros((num_classes, num_folds), dtype=np.int64)
+    kept = np.zeros((num_classes, num_folds), dtype=np.int64)
+    np.add.at(rows, (labels, folds), 1)
+    np.add.at(kept, (labels, folds), confident.astype(np.int64))
+    # An identity is missing from fold k's training set if it has rows outside k but none of them is confident.
+    missing = (rows.sum(1, keepdims=True) - rows > 0) & (kept.sum(1, keepdims=True) - kept == 0)
+    for label, fold in zip(*np.nonzero(missing)):
+        outside = np.flatnonzero((labels == label) & (folds != fold))
+        if confident[outside].any():  # an earlier promotion already covers this fold
+            continue
+        confident[outside[np.argmax(np.asarray(confidence)[outside])]] = True
+    return confident
+
+
 def fold_train_mask(confident: np.ndarray, folds: np.ndarray, fold: int) -> np.ndarray:
     """Rows fold ``fold``'s model trains on: confident and not in the held-out fold.
 
@@ -312,6 +350,14 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
     scores = score_confidence(inputs.labels, probs, rule=config.rule, threshold=config.threshold,
                               quantile=config.quantile, min_per_class=config.min_confident_per_identity,
                               gmm_seed=config.train.seed)
+    promoted = 0
+    if fold_of_row is not None and config.min_confident_per_identity > 0:
+        kept = keep_identities_in_every_fold(scores.confident, inputs.labels, fold_of_row, scores.confidence)
+        promoted = int((kept & ~scores.confident).sum())
+        if promoted:
+            log.info("teacher round %d: %d sample(s) kept confident so every fold model of the next round trains "
+                     "on every identity", round, promoted)
+        scores = dataclasses.replace(scores, confident=kept)
     frame = _round_frame(inputs, scores, round, fold_of_row)
     change = None if round == 0 else confident_set_change(inputs.confident, scores.confident)
     write_manifest(frame, path, "teacher_round", stage=f"teacher.round{round}", config_hash=inputs.key["round_hash"],
@@ -319,6 +365,7 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
                    extra={"round": round, "rule": config.rule, "scoring": config.scoring,
                           "confidence_cut": _confidence_cut(config),
                           "confident_fraction": float(scores.confident.mean()), "change": change,
+                          "kept_for_folds": promoted,
                           "checkpoints": [str(p) for p in teacher_checkpoints(out_dir, round, config)]})
     log.info("teacher round %d: %d of %d samples confident (%.1f%%)%s", round, int(scores.confident.sum()), n,
              100 * scores.confident.mean(), "" if change is None else f", {100 * change:.1f}% changed")
