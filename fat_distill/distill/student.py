@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch
 from fat_distill.config_hash import config_hash
 from fat_distill.data.image_dataset import build_label_map
 from fat_distill.distill._common import (
+    DatasetInput,
     claim_directory,
     load_dataset,
     load_model,
@@ -217,6 +218,32 @@ def _student_setup(train: pd.DataFrame, root: Path, label_column: str, label_map
                          feature_dataset=data.feature_dataset)
 
 
+def student_features(dataset: DatasetInput, checkpoint: PathLike, config: StudentConfig,
+                     parts: Mapping[str, pd.DataFrame], device: str | torch.device | None = "auto"
+                     ) -> dict[str, torch.Tensor]:
+    """Embeddings of a trained student for some row sets of its dataset, as evaluation computes them.
+
+    Args:
+        dataset: the ``dataset`` manifest the student was trained on (:func:`load_dataset`).
+        checkpoint: the student's ``final.pt``.
+        config: the settings it was trained with (model, image size, flip test).
+        parts: ``{name: rows of dataset.frame}``, e.g. ``{"query": …, "gallery": …}``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
+
+    Returns:
+        ``{name: (len(rows), D) float32 CPU tensor}``, L2-normalised, flip-averaged when ``config.flip_test``.
+    """
+    from fat_distill.evaluate import extract_manifest_features
+
+    settings = stage_settings(device, config.train)
+    model = load_model(config.train, len(student_label_map(dataset.frame, config)), checkpoint, settings)
+    return {name: extract_manifest_features(model, rows, dataset.root, image_size=tuple(config.train.image_size),
+                                            batch_size=max(64, config.train.batch_size), device=settings.device,
+                                            num_workers=config.train.num_workers, flip=config.flip_test,
+                                            allow_outside_root=dataset.allow_outside_root)
+            for name, rows in parts.items()}
+
+
 def evaluate_student(
     dataset_manifest: PathLike,
     checkpoint: PathLike,
@@ -244,7 +271,7 @@ def evaluate_student(
     Returns:
         ``out_path``.
     """
-    from fat_distill.evaluate import evaluate_retrieval, extract_manifest_features, plot_cmc
+    from fat_distill.evaluate import evaluate_retrieval, plot_cmc
 
     stage = f"student.{config.method}"
     dataset = load_dataset(dataset_manifest)
@@ -254,15 +281,8 @@ def evaluate_student(
     if query.empty or gallery.empty:
         raise ValueError(f"{stage}: {dataset.path} has {len(query)} query and {len(gallery)} gallery rows; "
                          "retrieval evaluation needs both")
-    settings = stage_settings(device, config.train)
-    model = load_model(config.train, len(student_label_map(frame, config)), checkpoint, settings)
-    batch_size = max(64, config.train.batch_size)
-    features = [extract_manifest_features(model, part, dataset.root, image_size=tuple(config.train.image_size),
-                                          batch_size=batch_size, device=settings.device,
-                                          num_workers=config.train.num_workers, flip=config.flip_test,
-                                          allow_outside_root=dataset.allow_outside_root)
-                for part in (query, gallery)]
-    result = evaluate_retrieval(features[0], features[1], query["pid"].to_numpy(dtype=np.int64, copy=True),
+    features = student_features(dataset, checkpoint, config, {"query": query, "gallery": gallery}, device)
+    result = evaluate_retrieval(features["query"], features["gallery"], query["pid"].to_numpy(dtype=np.int64, copy=True),
                                 gallery["pid"].to_numpy(dtype=np.int64, copy=True),
                                 query["camid"].to_numpy(dtype=np.int64, copy=True),
                                 gallery["camid"].to_numpy(dtype=np.int64, copy=True), metric=config.distance)
