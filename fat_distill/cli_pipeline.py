@@ -127,6 +127,40 @@ def _trigger_deployment(config, deployment: str) -> None:
                   f"(state {flow_run.state.name if flow_run.state else 'scheduled'})", highlight=False)
 
 
+def _draw_pictures(run_dir: Path, runs_root: Path, *, quiet: bool, **options: Any) -> dict[str, Any]:
+    """`inspect --pictures`: draw into the run's plots folder, then attach to its Prefect flow run if it had one."""
+    from fat_distill.pipeline.pictures import make_run_pictures
+    from fat_distill.pipeline.runs import load_run_json
+
+    started = time.perf_counter()
+    drawn = make_run_pictures(run_dir, **options)
+    # soft_wrap: a path is printed whole, so it can be copied.
+    say = (lambda text: None) if quiet else (lambda text: console.print(text, highlight=False, soft_wrap=True))
+    for path in drawn.paths:
+        say(f"wrote {path}")
+    say(f"{len(drawn.paths)} picture(s) in {time.perf_counter() - started:.1f}s")
+    result: dict[str, Any] = {"overview": [str(p) for p in drawn.overview], "rows": [str(p) for p in drawn.rows]}
+    flow_run_id = (load_run_json(run_dir) or {}).get("flow_run_id")
+    if not flow_run_id:
+        result["attached"] = f"run {drawn.run_id} has no Prefect flow run (a --direct run): nothing to attach to"
+        say(result["attached"])
+        return result
+    from flows.environment import configure_prefect
+
+    configure_prefect(Path(runs_root).parent / ".prefect")
+    from flows.pictures import attach_pictures
+
+    try:
+        count = attach_pictures(flow_run_id, drawn.overview, drawn.run_id, listed=drawn.rows)
+    except Exception as exc:  # noqa: BLE001 - an unknown flow run, an unreachable server …: the PNGs are on disk
+        raise RuntimeError(f"{exc} (the pictures are written under {drawn.plots_dir}; only attaching them to "
+                           "Prefect failed)") from exc
+    result["attached"] = (f"attached {count} image artifact(s) and a list of all pictures to Prefect flow run "
+                          f"{flow_run_id}")
+    say(result["attached"])
+    return result
+
+
 def register(app: typer.Typer) -> None:
     config_app = typer.Typer(help="Show configs: the defaults, the demo, or a file with overrides applied.",
                              no_args_is_help=True)
@@ -267,15 +301,39 @@ def register(app: typer.Typer) -> None:
         run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
         runs_root: RunsRootOption = Path("runs"),
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+        pictures: Annotated[bool, typer.Option(
+            "--pictures", help="Also draw ranked lists and t-SNE maps of each student method into the run's "
+                               "plots folder, and attach them to the run's Prefect flow run.")] = False,
+        queries: Annotated[int, typer.Option("--queries", min=1, help="Queries drawn at random (seeded).")] = 8,
+        query_ids: Annotated[list[str] | None, typer.Option(
+            "--query-id", help="Draw this query (a sample_id) instead (repeatable).")] = None,
+        topk: Annotated[int, typer.Option("--topk", min=1, help="Gallery images per ranked row.")] = 10,
+        train_map: Annotated[bool, typer.Option(
+            "--train-map", help="Also map the train set, samples the teacher flagged as crosses.")] = False,
+        methods: Annotated[list[str] | None, typer.Option(
+            "--method", help="Only this student method (repeatable; default: all that finished).")] = None,
+        device: Annotated[str, typer.Option(help="Where features are extracted: cpu, cuda:N or auto.")] = "cpu",
     ) -> None:
-        """Show a run: config, stage states, manifests with row counts, metrics, plots, teacher rounds."""
+        """Show a run: config, stage states, manifests with row counts, metrics, plots, teacher rounds.
+
+        With --pictures, first draw each student method's ranked lists (query and top-k gallery, green =
+        same identity, red = not) and t-SNE maps into the run's plots folder.
+        """
         from fat_distill.pipeline.inspect import inspect_run
         from fat_distill.pipeline.runs import find_run
 
+        drawn: dict[str, Any] | None = None
         try:
-            report = inspect_run(find_run(runs_root, run_id))
-        except (FileNotFoundError, ValueError) as exc:
+            run_dir = find_run(runs_root, run_id)
+            if pictures:
+                drawn = _draw_pictures(run_dir, runs_root, methods=methods, num_queries=queries,
+                                       query_ids=query_ids, topk=topk, train_map=train_map, device=device,
+                                       quiet=as_json)
+            report = inspect_run(run_dir)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: unreadable image, checkpoint
             _fail(exc)
+        if drawn is not None:
+            report["pictures"] = drawn
         if as_json:
             sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
             return
@@ -303,6 +361,9 @@ def register(app: typer.Typer) -> None:
             _show_metrics(report["metrics"])
         for plot in report["plots"]:
             console.print(f"plot: {plot}", highlight=False)
+        if drawn is not None:
+            console.print(f"pictures: {len(drawn['rows'])} ranked row(s) under "
+                          f"{Path(report['run_dir']) / 'plots' / 'ranked'}; {drawn['attached']}", highlight=False)
 
     @config_app.command("show")
     def config_show(

@@ -2,6 +2,15 @@
 
 from fat_distill.evaluate.features import extract_features, extract_manifest_features
 from fat_distill.evaluate.noise_metrics import is_noisy_from_labels, noise_detection_report
+from fat_distill.evaluate.pictures import (
+    EmbeddingMap,
+    RankedLists,
+    RankedPictures,
+    choose_queries,
+    plot_embedding_map,
+    plot_ranked_results,
+    rank_gallery,
+)
 from fat_distill.evaluate.plots import plot_cmc, plot_confidence_histogram, plot_noise_pr_curve
 from fat_distill.evaluate.reranking import MAX_RERANK_IMAGES, k_reciprocal_rerank, rerank_features
 from fat_distill.evaluate.retrieval import (
@@ -13,7 +22,11 @@ from fat_distill.evaluate.retrieval import (
 
 __all__ = [
     "MAX_RERANK_IMAGES",
+    "EmbeddingMap",
+    "RankedLists",
+    "RankedPictures",
     "RetrievalResult",
+    "choose_queries",
     "compute_distance_matrix",
     "evaluate_distance_matrix",
     "evaluate_retrieval",
@@ -24,6 +37,9 @@ __all__ = [
     "noise_detection_report",
     "plot_cmc",
     "plot_confidence_histogram",
+    "plot_embedding_map",
     "plot_noise_pr_curve",
+    "plot_ranked_results",
+    "rank_gallery",
     "rerank_features",
 ]
