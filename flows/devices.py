@@ -118,6 +118,64 @@ class DevicePool:
                 self._release_local(index)
             return
 
+    def indices_for(self, stage: str, devices: list[str]) -> list[int]:
+        """Pool positions of the devices a data-parallel stage trains on (``train.devices``), one each."""
+        taken: list[int] = []
+        for name in devices:
+            index = next((i for i, d in enumerate(self.devices) if d == name and i not in taken), None)
+            if index is None:
+                raise ValueError(
+                    f"{stage} trains on train.devices {devices}, but the run schedules stages on run.devices "
+                    f"{self.devices}: list every one of them in run.devices (e.g. run.devices: {devices}) so "
+                    "the scheduler can reserve them while it trains")
+            taken.append(index)
+        return sorted(taken)
+
+    @contextmanager
+    def acquire_devices(self, stage: str, devices: list[str]) -> Iterator[tuple[list[int], list[str]]]:
+        """Hold one slot of each named device at once (a data-parallel stage); yields (indices, devices).
+
+        All slots are taken together, or none: a stage never holds some devices while
+        waiting for the others, so two such stages cannot deadlock.
+        """
+        indices = self.indices_for(stage, devices)
+        while True:
+            with self._changed:
+                while not all(self._local_free[i] > 0 for i in indices):
+                    self._changed.wait()
+                for i in indices:
+                    self._local_free[i] -= 1
+            held = []
+            try:
+                for i in indices:  # ascending order: processes competing for the same devices do not interlock
+                    ctx = concurrency(self.limit_name(i), occupy=1, timeout_seconds=5, strict=True,
+                                      lease_duration=LEASE_SECONDS)
+                    ctx.__enter__()
+                    held.append(ctx)
+            except TimeoutError:  # another process holds one of them: give everything back, retry
+                for ctx in reversed(held):
+                    ctx.__exit__(None, None, None)
+                for i in indices:
+                    self._release_local(i)
+                time.sleep(POLL_SECONDS)
+                continue
+            except BaseException:
+                for ctx in reversed(held):
+                    ctx.__exit__(None, None, None)
+                for i in indices:
+                    self._release_local(i)
+                raise
+            names = [self.devices[i] for i in indices]
+            try:
+                log.info("%s: running data-parallel on %s", stage, ", ".join(names))
+                yield indices, names
+            finally:
+                for ctx in reversed(held):
+                    ctx.__exit__(None, None, None)
+                for i in indices:
+                    self._release_local(i)
+            return
+
     def _release_local(self, index: int) -> None:
         with self._changed:
             self._local_free[index] += 1

@@ -40,8 +40,11 @@ def _cache_key(context, parameters: dict[str, Any]) -> str:
 
 @task(name="stage", cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
 def stage_task(call_name: str, cache_key: str, run_id: str, stage_fn: str, kwargs: dict[str, Any],
-               needs_device: bool) -> dict:
-    """Run one stage (a plain library function), holding a device slot if it trains or extracts features."""
+               needs_device: bool, parallel_devices: list[str] | None = None) -> dict:
+    """Run one stage (a plain library function), holding a device slot if it trains or extracts features.
+
+    A data-parallel stage (``parallel_devices``: its ``train.devices``) holds a slot of each of them.
+    """
     from fat_distill.pipeline import stages
 
     state, pool = _RUNS[run_id]
@@ -52,8 +55,16 @@ def stage_task(call_name: str, cache_key: str, run_id: str, stage_fn: str, kwarg
         out = fn(**kwargs)
         state.stage(call_name, finished=time.time())
         return out
+    if parallel_devices:
+        with pool.acquire_devices(call_name, parallel_devices) as (indices, devices):
+            state.stage(call_name, device=",".join(devices), device_index=indices[0], device_indices=indices,
+                        slot_acquired=time.time())
+            try:
+                return fn(**kwargs, device=devices[0])  # the stage spawns one process per train.devices entry
+            finally:
+                state.stage(call_name, slot_released=time.time())
     with pool.acquire(call_name) as (index, device):
-        state.stage(call_name, device=device, device_index=index, slot_acquired=time.time())
+        state.stage(call_name, device=device, device_index=index, device_indices=[index], slot_acquired=time.time())
         try:
             return fn(**kwargs, device=device)
         finally:
@@ -126,7 +137,8 @@ class PrefectExecutor:
         return stage_task.with_options(name=f"stage-{call.kind}", task_run_name=call.name,
                                        refresh_cache=refresh).submit(
             call_name=call.name, cache_key=call.key, run_id=self.state.paths.run_id,
-            stage_fn=call.fn.__name__, kwargs=kwargs, needs_device=call.needs_device)
+            stage_fn=call.fn.__name__, kwargs=kwargs, needs_device=call.needs_device,
+            parallel_devices=list(call.parallel_devices) or None)
 
     def submit(self, call: StageCall) -> _StageHandle:
         previous = self.state.stage_entry(call.name).get("components") or last_components(
@@ -165,6 +177,10 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
         library_logger.setLevel(logging.INFO)
     try:
         state.update(flow_run_id=_flow_run_id())
+        for method in ("distilled", *config.baselines):  # before hours of teacher training, not after
+            student = config.student if method == "distilled" else config.baseline_config(method)
+            if len(student.train.devices) >= 2:
+                pool.indices_for(f"student.{method}", student.train.devices)
         summary = run_graph(config, paths, state, PrefectExecutor(state, pool, config.run.runs_root))
         state.update(status="completed", metrics=summary, error=None)
         _attach_artifacts(paths, summary, state)

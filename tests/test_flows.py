@@ -78,3 +78,69 @@ def test_unknown_config_key_is_named(tmp_path):
     bad = tiny_config(tmp_path, teacher={"round": 3})
     with pytest.raises(ConfigError, match="teacher.round: unknown key"):
         validate_config(PipelineConfig, bad)
+
+
+def test_data_parallel_stage_holds_all_its_devices_at_once():
+    import threading
+    import time
+    import uuid
+
+    from flows.devices import DevicePool
+
+    pool = DevicePool(["cpu", "cpu"], 1, prefix=f"test-pool-{uuid.uuid4().hex[:8]}")
+    pool.create_limits()
+    events: dict[str, float] = {}
+    started = threading.Event()
+
+    def data_parallel():
+        with pool.acquire_devices("student.distilled", ["cpu", "cpu"]) as (indices, names):
+            assert indices == [0, 1] and names == ["cpu", "cpu"]
+            events["ddp_start"] = time.time()
+            started.set()
+            time.sleep(1.0)
+            events["ddp_end"] = time.time()
+
+    def single():
+        started.wait(timeout=60)
+        with pool.acquire("evaluate.ce") as (index, _):
+            events["single_start"] = time.time()
+
+    threads = [threading.Thread(target=data_parallel), threading.Thread(target=single)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert events["single_start"] >= events["ddp_end"], "a stage ran on a device the data-parallel stage held"
+
+    with pytest.raises(ValueError, match=r"train.devices \['cuda:0', 'cuda:1'\].*list every one of them"):
+        pool.indices_for("student.distilled", ["cuda:0", "cuda:1"])
+    with pytest.raises(ValueError, match="run.devices"):
+        pool.indices_for("student.distilled", ["cpu", "cpu", "cpu"])
+
+
+def test_a_data_parallel_student_outside_run_devices_fails_before_training(tmp_path):
+    config = tiny_config(tmp_path, run={"devices": ["cpu"]},
+                         student={"train": {**tiny_config(tmp_path)["student"]["train"], "devices": ["cpu", "cpu"]}})
+    with pytest.raises(ValueError, match="student.distilled trains on train.devices"):
+        run(config)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_json = load_run_json(run_dir)
+    assert run_json["status"] == "failed" and not any(e.get("state") == "ran" for e in run_json["stages"].values())
+
+
+def test_data_parallel_students_hold_both_devices_in_a_real_flow(tmp_path):
+    student_train = {**tiny_config(tmp_path)["student"]["train"], "devices": ["cpu", "cpu"]}
+    config = tiny_config(tmp_path, run={"devices": ["cpu", "cpu"]}, teacher={"rounds": 1},
+                         student={"train": student_train}, baselines=["ce"], data={"synth": {
+                             **tiny_config(tmp_path)["data"]["synth"], "seed": 3}})  # not cached by other tests
+    _, summary, run_json = run(config)
+    assert set(summary["retrieval"]) == {"distilled", "ce"}
+    stages = run_json["stages"]
+    for name in ("student.distilled", "student.ce"):
+        assert stages[name]["device_indices"] == [0, 1] and stages[name]["device"] == "cpu,cpu"
+    spans = sorted((e["slot_acquired"], e["slot_released"], n, tuple(e["device_indices"]))
+                   for n, e in stages.items() if "slot_acquired" in e)
+    for i, (start_a, end_a, a, devices_a) in enumerate(spans):
+        for start_b, end_b, b, devices_b in spans[i + 1:]:
+            if set(devices_a) & set(devices_b):
+                assert start_b >= end_a, f"{a} and {b} shared a device at the same time"

@@ -36,6 +36,8 @@ class StageCall:
     kwargs: dict[str, Any]
     components: dict[str, Any]
     needs_device: bool = False
+    # A data-parallel stage (train.devices with 2+ entries) holds all of these devices at once.
+    parallel_devices: tuple[str, ...] = ()
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -51,8 +53,10 @@ class Executor(Protocol):
 
 
 def make_call(name: str, kind: str, fn: Callable[..., dict], *, inputs: dict[str, Any], config: Any,
-              kwargs: dict[str, Any], extra: dict[str, Any] | None = None, needs_device: bool = False) -> StageCall:
+              kwargs: dict[str, Any], extra: dict[str, Any] | None = None, needs_device: bool = False,
+              parallel_devices: list[str] | tuple[str, ...] = ()) -> StageCall:
     return StageCall(name=name, kind=kind, fn=fn, kwargs=kwargs, needs_device=needs_device,
+                     parallel_devices=tuple(parallel_devices) if len(parallel_devices) >= 2 else (),
                      components=key_components(kind, inputs, config, extra))
 
 
@@ -122,6 +126,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
         students[method] = (cfg, executor.submit(make_call(
             f"student.{method}", "student", stages.student_stage,
             inputs={"dataset": dataset, "soft_labels": soft_input}, config=cfg, needs_device=True,
+            parallel_devices=cfg.train.devices,
             kwargs={"dataset": dataset, "soft_labels": soft_input, "config": cfg,
                     "work_dir": str(paths.stage_dir("student", method)), "progress": progress},
         )))
