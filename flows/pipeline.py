@@ -26,6 +26,7 @@ from fat_distill.pipeline.graph import StageCall
 from fat_distill.pipeline.keys import why_changed
 from fat_distill.pipeline.overrides import apply_overrides, validate_config
 from fat_distill.pipeline.runs import last_components, new_run_id
+from fat_distill.train import set_cpu_threads
 from flows.devices import DevicePool
 
 log = logging.getLogger("fat_distill.flows")
@@ -205,6 +206,7 @@ def _flow_run_id() -> str | None:
 def pipeline(config: dict[str, Any], run_id: str, resume: bool = False) -> dict[str, Any]:
     """Data → noise → teacher rounds → soft labels → student and baselines → evaluation, for one config."""
     cfg = validate_config(PipelineConfig, config)
+    set_cpu_threads(cfg.run.torch_threads)
     pool = DevicePool(cfg.run.devices, cfg.run.max_tasks_per_device)
     pool.create_limits()
     get_run_logger().info("run %s: devices %s; manifests → %s/%s, outputs → %s/%s", run_id, pool.devices,
@@ -231,6 +233,7 @@ def sweep(config: dict[str, Any], grid: dict[str, list[Any]], sweep_id: str) -> 
     are computed once and taken from cache by the others.
     """
     base = validate_config(PipelineConfig, config)
+    set_cpu_threads(base.run.torch_threads)  # one process: the points share the setting of the base config
     pool = DevicePool(base.run.devices, base.run.max_tasks_per_device)
     pool.create_limits()
     points = expand_grid(base.model_dump(mode="json"), grid)

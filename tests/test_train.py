@@ -120,3 +120,16 @@ def test_cuda_settings_pick_amp_and_channels_last():
     assert s.amp_dtype is None and not s.channels_last and not s.pin_memory
     forced = device_settings(torch.device("cpu"), amp=True)
     assert forced.amp_dtype == torch.bfloat16
+
+
+def test_cpu_thread_setting_applies_and_keeps_the_current_one_by_default():
+    from fat_distill.train import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1) == 1 == torch.get_num_threads()
+        assert set_cpu_threads(None) == 1  # None leaves it alone
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            set_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)

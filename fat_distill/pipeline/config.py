@@ -76,6 +76,10 @@ class RunSection(_Section):
                                            "for virtual devices)")
     max_tasks_per_device: int = Field(1, ge=1)
     progress: bool = Field(True, description="Rich progress bars while training")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads torch may use in this process (None: torch's default, one per core); "
+                                "1 is often faster on a small or shared CPU machine, where threads wait for "
+                                "each other")
 
 
 class PipelineConfig(_Section):

@@ -9,7 +9,7 @@ from typing import Any
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.graph import StageCall, run_graph
 from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id
-from fat_distill.train import resolve_device
+from fat_distill.train import resolve_device, set_cpu_threads
 
 
 @dataclass
@@ -49,6 +49,7 @@ def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, 
     run_id = run_id or new_run_id(config.run.name)
     paths = RunPaths.for_run(config, run_id)
     state = RunState.create(paths, config)
+    set_cpu_threads(config.run.torch_threads)
     device = config.run.devices[0] if config.run.devices else "auto"
     device = str(resolve_device(device))
     try:

@@ -86,3 +86,19 @@ def device_settings(device: torch.device, *, amp: bool | None = None, channels_l
         pin_memory=cuda,
         non_blocking=cuda,
     )
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """Limit torch's intra-op CPU threads for this process (``None`` keeps the current setting).
+
+    On a machine whose cores are shared (other jobs, a Prefect server, data loading),
+    torch's default of one thread per core makes its threads wait for each other;
+    fewer threads can be many times faster. Returns the thread count now in force.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log.info("torch uses %d CPU thread(s)", threads)
+    return torch.get_num_threads()
