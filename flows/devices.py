@@ -15,7 +15,9 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from prefect.client.orchestration import get_client
@@ -26,6 +28,11 @@ log = logging.getLogger("fat_distill.devices")
 LIMIT_PREFIX = "fat-distill-device"
 POLL_SECONDS = 0.5
 LEASE_SECONDS = 60
+# A released Prefect slot is kept this long for the next stage of this process on the same device.
+# Taking a slot costs a server write; on the embedded SQLite server that write often collides with the
+# task-run recorder's and is answered 503 after ~2 s, then retried 2 s later. The next stage of a chain
+# (teacher round r+1 after r, the queued students) asks within a fraction of a second.
+HANDOVER_SECONDS = 5.0
 
 
 def expand_devices(devices: list[str]) -> list[str]:
@@ -56,6 +63,11 @@ class DevicePool:
         # against other flows and processes using the same devices.
         self._local_free = [max_tasks_per_device] * len(self.devices)
         self._changed = threading.Condition(self._lock)
+        # Prefect slots released by a stage and not yet given back to the server: (context, expiry timer).
+        self._parked: list[list[tuple[Any, threading.Timer]]] = [[] for _ in self.devices]
+        # Slots are taken and given back on this thread, outside any task run: Prefect releases the
+        # leases a task run took when that run ends, which would defeat parking a slot for the next one.
+        self._server_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fat-distill-device-slots")
 
     def limit_name(self, index: int) -> str:
         return f"{self.prefix}-{index}"
@@ -97,12 +109,11 @@ class DevicePool:
                 start = self._next
                 self._next = (self._next + 1) % n
                 order = [(start + k) % n for k in range(n)]
-                index = next(i for i in order if self._local_free[i] > 0)
+                free = [i for i in order if self._local_free[i] > 0]
+                index = next((i for i in free if self._parked[i]), free[0])  # a parked slot needs no server call
                 self._local_free[index] -= 1
             try:
-                ctx = concurrency(self.limit_name(index), occupy=1, timeout_seconds=5, strict=True,
-                                  lease_duration=LEASE_SECONDS)
-                ctx.__enter__()
+                ctx = self._take_slot(index)
             except TimeoutError:  # another process holds this device: give the local slot back, retry
                 self._release_local(index)
                 time.sleep(POLL_SECONDS)
@@ -114,7 +125,7 @@ class DevicePool:
                 log.info("%s: running on %s (slot of %s)", stage, self.devices[index], self.limit_name(index))
                 yield index, self.devices[index]
             finally:
-                ctx.__exit__(None, None, None)
+                self._park_slot(index, ctx)
                 self._release_local(index)
             return
 
@@ -145,23 +156,20 @@ class DevicePool:
                     self._changed.wait()
                 for i in indices:
                     self._local_free[i] -= 1
-            held = []
+            held: list[tuple[int, Any]] = []
             try:
                 for i in indices:  # ascending order: processes competing for the same devices do not interlock
-                    ctx = concurrency(self.limit_name(i), occupy=1, timeout_seconds=5, strict=True,
-                                      lease_duration=LEASE_SECONDS)
-                    ctx.__enter__()
-                    held.append(ctx)
+                    held.append((i, self._take_slot(i)))
             except TimeoutError:  # another process holds one of them: give everything back, retry
-                for ctx in reversed(held):
-                    ctx.__exit__(None, None, None)
+                for i, ctx in reversed(held):
+                    self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
-                for ctx in reversed(held):
-                    ctx.__exit__(None, None, None)
+                for i, ctx in reversed(held):
+                    self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
                 raise
@@ -170,11 +178,63 @@ class DevicePool:
                 log.info("%s: running data-parallel on %s", stage, ", ".join(names))
                 yield indices, names
             finally:
-                for ctx in reversed(held):
-                    ctx.__exit__(None, None, None)
+                for i, ctx in reversed(held):
+                    self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
             return
+
+    def _take_slot(self, index: int) -> Any:
+        """A Prefect slot of device ``index``: a parked one (no server call) or a newly acquired one.
+
+        Raises:
+            TimeoutError: every slot of the device's limit is held by other processes.
+        """
+        with self._lock:
+            if self._parked[index]:
+                ctx, timer = self._parked[index].pop()
+                timer.cancel()
+                return ctx
+        def enter() -> Any:
+            ctx = concurrency(self.limit_name(index), occupy=1, timeout_seconds=5, strict=True,
+                              lease_duration=LEASE_SECONDS)
+            ctx.__enter__()
+            return ctx
+
+        return self._server_calls.submit(enter).result()
+
+    def _park_slot(self, index: int, ctx: Any) -> None:
+        """Keep a stage's Prefect slot for ``HANDOVER_SECONDS`` before giving it back to the server."""
+        timer = threading.Timer(HANDOVER_SECONDS, self._expire, args=(index, ctx))
+        timer.daemon = True
+        with self._lock:
+            self._parked[index].append((ctx, timer))
+        timer.start()
+
+    def _expire(self, index: int, ctx: Any) -> None:
+        with self._lock:
+            entry = next((e for e in self._parked[index] if e[0] is ctx), None)
+            if entry is None:  # taken by the next stage meanwhile
+                return
+            self._parked[index].remove(entry)
+        self._give_back(index, ctx)
+
+    def _give_back(self, index: int, ctx: Any) -> None:
+        try:
+            self._server_calls.submit(ctx.__exit__, None, None, None).result()
+        except Exception as exc:  # noqa: BLE001 - the lease then expires on its own after LEASE_SECONDS
+            log.warning("device pool: could not release a slot of %s (%s); its lease expires in %d s",
+                        self.limit_name(index), exc, LEASE_SECONDS)
+
+    def close(self) -> None:
+        """Give every parked slot back to the server now (at the end of a flow)."""
+        with self._lock:
+            parked = [(i, entry) for i, entries in enumerate(self._parked) for entry in entries]
+            for entries in self._parked:
+                entries.clear()
+        for index, (ctx, timer) in parked:
+            timer.cancel()
+            self._give_back(index, ctx)
 
     def _release_local(self, index: int) -> None:
         with self._changed:

@@ -211,7 +211,10 @@ def pipeline(config: dict[str, Any], run_id: str, resume: bool = False) -> dict[
     pool.create_limits()
     get_run_logger().info("run %s: devices %s; manifests → %s/%s, outputs → %s/%s", run_id, pool.devices,
                           cfg.run.manifests_root, run_id, cfg.run.runs_root, run_id)
-    return _run_one(cfg, run_id, pool, resume)
+    try:
+        return _run_one(cfg, run_id, pool, resume)
+    finally:
+        pool.close()
 
 
 def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -240,10 +243,14 @@ def sweep(config: dict[str, Any], grid: dict[str, list[Any]], sweep_id: str) -> 
     configs = [(label, validate_config(PipelineConfig, data, f"sweep point {label}")) for label, data in points]
     run_ids = [f"{sweep_id}-{i}" for i in range(len(configs))]
     get_run_logger().info("sweep %s: %d point(s) on %s", sweep_id, len(configs), pool.devices)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(configs), pool.slots))) as threads:
-        futures = [threads.submit(contextvars.copy_context().run, _run_one, cfg, rid, pool, False)
-                   for (label, cfg), rid in zip(configs, run_ids)]
-        results = {label: {"run_id": rid, **f.result()} for (label, _), rid, f in zip(configs, run_ids, futures)}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(configs), pool.slots))) as threads:
+            futures = [threads.submit(contextvars.copy_context().run, _run_one, cfg, rid, pool, False)
+                       for (label, cfg), rid in zip(configs, run_ids)]
+            results = {label: {"run_id": rid, **f.result()}
+                       for (label, _), rid, f in zip(configs, run_ids, futures)}
+    finally:
+        pool.close()
     rows = [{"point": label, "run_id": r["run_id"], "method": m, **{k: round(v, 4) for k, v in met.items()}}
             for label, r in results.items() for m, met in r["retrieval"].items()]
     create_table_artifact(rows, key="sweep-metrics", description=f"Sweep {sweep_id}")

@@ -144,3 +144,46 @@ def test_data_parallel_students_hold_both_devices_in_a_real_flow(tmp_path):
         for start_b, end_b, b, devices_b in spans[i + 1:]:
             if set(devices_a) & set(devices_b):
                 assert start_b >= end_a, f"{a} and {b} shared a device at the same time"
+
+
+def test_a_released_device_slot_is_handed_to_the_next_stage_then_given_back(monkeypatch):
+    import time
+    import uuid
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    import flows.devices as devices
+    from flows.devices import DevicePool
+
+    monkeypatch.setattr(devices, "HANDOVER_SECONDS", 1.0)
+    pool = DevicePool(["cpu"], 1, prefix=f"test-handover-{uuid.uuid4().hex[:8]}")
+    name = pool.limit_name(0)
+
+    def held() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(name).active_slots
+
+    @task
+    def stage(label: str) -> tuple[float, int]:
+        started = time.time()
+        with pool.acquire(label):
+            return time.time() - started, held()
+
+    @flow
+    def chain() -> list[tuple[float, int]]:
+        pool.create_limits()
+        return [stage(f"s{i}") for i in range(3)]
+
+    results = chain()
+    assert all(slots == 1 for _, slots in results)  # the device is busy on the server while a stage runs
+    assert held() == 1, "the last stage's slot is parked, still held for other processes"
+    # Taking a parked slot needs no server round trip (a new one takes ~0.1-2 s on the embedded server).
+    assert max(seconds for seconds, _ in results[1:]) < 0.05, results
+    time.sleep(1.5)
+    assert held() == 0, "an unclaimed slot goes back to the server after HANDOVER_SECONDS"
+
+    chain()
+    assert held() == 1
+    pool.close()
+    assert held() == 0
