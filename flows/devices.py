@@ -10,20 +10,23 @@ Without CUDA, ``auto`` is the CPU; ``devices: [cpu, cpu]`` gives two virtual dev
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 log = logging.getLogger("fat_distill.devices")
+
+T = TypeVar("T")
 
 LIMIT_PREFIX = "fat-distill-device"
 POLL_SECONDS = 0.5
@@ -68,6 +71,12 @@ class DevicePool:
         # Slots are taken and given back on this thread, outside any task run: Prefect releases the
         # leases a task run took when that run ends, which would defeat parking a slot for the next one.
         self._server_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fat-distill-device-slots")
+        # Stages on a device run on that device's own threads. torch keeps an OpenMP thread team per
+        # calling thread; a second live team on the same cores made each later student ~25 % slower
+        # (measured: 4.5 s -> 5.6 s per 8 epochs when the previous trainer's thread stayed alive).
+        self._device_threads = [ThreadPoolExecutor(max_workers=max_tasks_per_device,
+                                                   thread_name_prefix=f"fat-distill-device-{i}")
+                                for i in range(len(self.devices))]
 
     def limit_name(self, index: int) -> str:
         return f"{self.prefix}-{index}"
@@ -183,6 +192,11 @@ class DevicePool:
                 for i in indices:
                     self._release_local(i)
             return
+
+    def run_on(self, index: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` on device ``index``'s own thread (with the caller's context: Prefect run, logging)."""
+        context = contextvars.copy_context()
+        return self._device_threads[index].submit(context.run, fn, *args, **kwargs).result()
 
     def _take_slot(self, index: int) -> Any:
         """A Prefect slot of device ``index``: a parked one (no server call) or a newly acquired one.

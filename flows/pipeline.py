@@ -60,14 +60,14 @@ def stage_task(call_name: str, cache_key: str, run_id: str, stage_fn: str, kwarg
         with pool.acquire_devices(call_name, parallel_devices) as (indices, devices):
             state.stage(call_name, device=",".join(devices), device_index=indices[0], device_indices=indices,
                         slot_acquired=time.time())
-            try:
-                return fn(**kwargs, device=devices[0])  # the stage spawns one process per train.devices entry
+            try:  # the stage spawns one process per train.devices entry
+                return pool.run_on(indices[0], fn, **kwargs, device=devices[0])
             finally:
                 state.stage(call_name, slot_released=time.time())
     with pool.acquire(call_name) as (index, device):
         state.stage(call_name, device=device, device_index=index, device_indices=[index], slot_acquired=time.time())
         try:
-            return fn(**kwargs, device=device)
+            return pool.run_on(index, fn, **kwargs, device=device)
         finally:
             state.stage(call_name, slot_released=time.time())
 

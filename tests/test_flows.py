@@ -187,3 +187,24 @@ def test_a_released_device_slot_is_handed_to_the_next_stage_then_given_back(monk
     assert held() == 1
     pool.close()
     assert held() == 0
+
+
+def test_stages_of_a_device_run_on_its_own_thread_with_the_callers_context():
+    import contextvars
+    import threading
+
+    from flows.devices import DevicePool
+
+    pool = DevicePool(["cpu", "cpu"], 1, prefix="test-threads")
+    marker = contextvars.ContextVar("marker", default=None)
+    marker.set("task-run-context")
+
+    def where() -> tuple[str, str | None]:
+        return threading.current_thread().name, marker.get()
+
+    first, again, other = pool.run_on(0, where), pool.run_on(0, where), pool.run_on(1, where)
+    assert first == again and first[0].startswith("fat-distill-device-0")  # one thread (one OpenMP team) per device
+    assert other[0].startswith("fat-distill-device-1")
+    assert first[1] == other[1] == "task-run-context"  # Prefect's run context (and its logging) comes along
+    with pytest.raises(ZeroDivisionError):
+        pool.run_on(0, lambda: 1 / 0)
