@@ -81,6 +81,17 @@ def load_dataset(path: str | os.PathLike, *, allow_outside_root: bool | None = N
     return DatasetInput(path=path, frame=frame, root=root, meta=meta, allow_outside_root=allow_outside_root)
 
 
+def query_and_gallery(dataset: DatasetInput, where: str, purpose: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The query and gallery rows of a dataset manifest (fresh indexes); an error if either is empty."""
+    frame = dataset.frame
+    query = frame[frame["split"] == "query"].reset_index(drop=True)
+    gallery = frame[frame["split"] == "gallery"].reset_index(drop=True)
+    if query.empty or gallery.empty:
+        raise ValueError(f"{where}: {dataset.path} has {len(query)} query and {len(gallery)} gallery rows; "
+                         f"{purpose} needs both")
+    return query, gallery
+
+
 def train_rows(frame: pd.DataFrame, where: str) -> pd.DataFrame:
     """The rows the teacher and student train on: split "train", distractors (pid 0) left out."""
     train = frame[frame["split"] == "train"]

@@ -30,6 +30,7 @@ from fat_distill.distill._common import (
     load_model,
     manifest_hash,
     new_model,
+    query_and_gallery,
     stage_settings,
     train_rows,
 )
@@ -275,14 +276,10 @@ def evaluate_student(
 
     stage = f"student.{config.method}"
     dataset = load_dataset(dataset_manifest)
-    frame = dataset.frame
-    query = frame[frame["split"] == "query"].reset_index(drop=True)
-    gallery = frame[frame["split"] == "gallery"].reset_index(drop=True)
-    if query.empty or gallery.empty:
-        raise ValueError(f"{stage}: {dataset.path} has {len(query)} query and {len(gallery)} gallery rows; "
-                         "retrieval evaluation needs both")
+    query, gallery = query_and_gallery(dataset, stage, "retrieval evaluation")
     features = student_features(dataset, checkpoint, config, {"query": query, "gallery": gallery}, device)
-    result = evaluate_retrieval(features["query"], features["gallery"], query["pid"].to_numpy(dtype=np.int64, copy=True),
+    result = evaluate_retrieval(features["query"], features["gallery"],
+                                query["pid"].to_numpy(dtype=np.int64, copy=True),
                                 gallery["pid"].to_numpy(dtype=np.int64, copy=True),
                                 query["camid"].to_numpy(dtype=np.int64, copy=True),
                                 gallery["camid"].to_numpy(dtype=np.int64, copy=True), metric=config.distance)

@@ -165,6 +165,7 @@ def make_run_pictures(
     import numpy as np
 
     from fat_distill.distill import load_dataset, student_features
+    from fat_distill.distill._common import query_and_gallery
     from fat_distill.evaluate import choose_queries, compute_distance_matrix, plot_embedding_map, plot_ranked_results
     from fat_distill.manifests import read_manifest
     from fat_distill.pipeline.config import PipelineConfig
@@ -182,11 +183,7 @@ def make_run_pictures(
     checkpoints = _student_checkpoints(data, config, methods, run_id)
     dataset = load_dataset(_dataset_manifest(run_dir, data, run_id))
     frame = dataset.frame
-    query = frame[frame["split"] == "query"].reset_index(drop=True)
-    gallery = frame[frame["split"] == "gallery"].reset_index(drop=True)
-    if query.empty or gallery.empty:
-        raise ValueError(f"run {run_id}: {dataset.path} has {len(query)} query and {len(gallery)} gallery rows; "
-                         "ranked lists need both")
+    query, gallery = query_and_gallery(dataset, f"run {run_id}", "drawing ranked lists")
     chosen = choose_queries(query, num_queries, query_ids=query_ids, seed=seed)
     train = noisy = None
     if train_map:
