@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from fat_distill.config_hash import config_hash
+from fat_distill.config_sections import Section
 from fat_distill.train import TrainConfig
 
 STUDENT_METHODS = ("distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy", "oracle")
@@ -28,15 +29,13 @@ def _teacher_train_default() -> TrainConfig:
     return TrainConfig(epochs=5)
 
 
-class TeacherConfig(BaseModel):
+class TeacherConfig(Section):
     """The teacher's rounds: E epochs of CE (``train.epochs``), confidence, retrain on the confident set.
 
     Round 0 trains on every train row with its given label; round r >= 1 on the
     rows confident after round r−1. The rounds stop after ``rounds`` or as soon as
     the confident set changes by at most ``tolerance`` (fraction of samples).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     train: TrainConfig = Field(default_factory=_teacher_train_default,
                                description="training of one round; epochs = E (paper: 5)")
@@ -70,7 +69,7 @@ class TeacherConfig(BaseModel):
         return config_hash(self.model_dump(mode="json", exclude={"tolerance"}))
 
 
-class StudentConfig(BaseModel):
+class StudentConfig(Section):
     """The student (``distilled``) and the baselines, all trained and evaluated by the same code.
 
     Methods:
@@ -86,8 +85,6 @@ class StudentConfig(BaseModel):
         oracle: ``oracle_objective`` on ``true_pid`` (needs the ground truth);
             ``multi`` duplicate rows are dropped (under true labels they repeat a clean row).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: Literal["distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy",

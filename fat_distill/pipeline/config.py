@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from fat_distill.config_sections import Section
 from fat_distill.distill import STUDENT_METHODS, StudentConfig, TeacherConfig
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SynthSection(_Section):
+class SynthSection(Section):
     """Synthetic Market-1501-style data (``data.source: synth``)."""
 
     identities: int = Field(200, ge=4, description="identities in all; half train, half test")
@@ -29,7 +26,7 @@ class SynthSection(_Section):
     junk: int = Field(10, ge=0)
 
 
-class DataSection(_Section):
+class DataSection(Section):
     """Where the images come from: synthesised, a dataset folder, or an existing dataset manifest."""
 
     source: Literal["synth", "folder", "manifest"] = "synth"
@@ -55,7 +52,7 @@ class DataSection(_Section):
         return self
 
 
-class NoiseSection(_Section):
+class NoiseSection(Section):
     """Label noise injected into the train split (rate 0: none; the truth columns are still added)."""
 
     rate: float = Field(0.4, ge=0, lt=1)
@@ -65,7 +62,7 @@ class NoiseSection(_Section):
     enabled: bool = Field(True, description="false: use the labels as they are (real noisy data)")
 
 
-class RunSection(_Section):
+class RunSection(Section):
     """Where outputs go and which devices the stages share."""
 
     name: str = Field("run", description="prefix of the run id")
@@ -82,7 +79,7 @@ class RunSection(_Section):
                                 "each other")
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     """The whole pipeline: data → noise → teacher rounds → soft labels → student (+ baselines) → evaluation."""
 
     run: RunSection = Field(default_factory=RunSection)
