@@ -380,6 +380,10 @@ from fat_distill.cli_pipeline import register as _register_pipeline_commands  # 
 
 _register_pipeline_commands(app)
 
+from fat_distill.cli_labels import register as _register_label_commands  # noqa: E402
+
+_register_label_commands(app)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -106,6 +106,12 @@ def _show_metrics(summary: dict[str, Any]) -> None:
         parts = [f"{k.split('.', 1)[1]} {v:.3f}" for k, v in det.items()
                  if v is not None and k.split(".", 1)[1] in ("precision", "recall", "f1", "auroc")]
         console.print("noise detection of the final teacher round: " + ", ".join(parts), highlight=False)
+    audit = summary.get("label_audit")
+    if audit:
+        from fat_distill.pipeline.inspect import describe_label_audit
+
+        console.print(f"label audit (teacher's view, no ground truth used): {describe_label_audit(audit)}",
+                      highlight=False)
 
 
 def _trigger_deployment(config, deployment: str) -> None:

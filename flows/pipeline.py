@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fat_distill.pipeline import PipelineConfig, RunPaths, RunState, run_graph
 from fat_distill.pipeline.graph import StageCall
+from fat_distill.pipeline.inspect import describe_label_audit
 from fat_distill.pipeline.keys import why_changed
 from fat_distill.pipeline.overrides import apply_overrides, validate_config
 from fat_distill.pipeline.runs import last_components, new_run_id
@@ -160,7 +161,9 @@ def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState) -> None:
     create_markdown_artifact(
         "\n".join([f"# fat-distill run `{paths.run_id}`", "",
                    f"Manifests: `{paths.manifest_dir}` · run folder: `{paths.run_dir}`", "",
-                   f"Noise detection (final teacher round): {detection or 'n/a'}", "",
+                   f"Noise detection (final teacher round): {detection or 'n/a (no ground truth)'}", "",
+                   f"Label audit (final teacher round): {describe_label_audit(summary.get('label_audit') or {})}",
+                   "",
                    "| stage | state | seconds | why |", "|---|---|---|---|", *stage_lines]),
         key="run-summary", description=f"Stages of run {paths.run_id}")
     for png in sorted(paths.plots_dir.glob("*.png")):

@@ -15,7 +15,15 @@ from fat_distill.distill.confidence import (
     score_confidence,
 )
 from fat_distill.distill.config import STUDENT_METHODS, StudentConfig, TeacherConfig
-from fat_distill.distill.noise_report import evaluate_noise_detection
+from fat_distill.distill.label_audit import (
+    RELABEL_MIN_PROB,
+    apply_actions,
+    audit_identities,
+    audit_labels,
+    cleaned_labels,
+    propose_actions,
+)
+from fat_distill.distill.noise_report import evaluate_noise_detection, has_ground_truth
 from fat_distill.distill.soft_labels import (
     make_soft_labels,
     soft_labels_from_logits,
@@ -45,6 +53,8 @@ from fat_distill.distill.teacher import (
 )
 
 __all__ = [
+    "RELABEL_MIN_PROB", "apply_actions", "audit_identities", "audit_labels", "cleaned_labels", "has_ground_truth",
+    "propose_actions",
     "CONFIDENCE_RULES", "ConfidenceScores", "DatasetInput", "STUDENT_METHODS", "StudentConfig", "StudentResult",
     "TeacherConfig", "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection",
     "evaluate_student", "fold_dir", "fold_train_mask", "gmm_clean_posterior", "keep_identities_in_every_fold",

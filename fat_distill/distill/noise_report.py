@@ -14,6 +14,12 @@ from fat_distill.manifests import parent_ref, read_manifest, write_manifest
 PathLike = str | os.PathLike
 
 
+def has_ground_truth(dataset: pd.DataFrame) -> bool:
+    """Whether every train row of a ``dataset`` manifest frame knows its true label (noise_kind or true_pid)."""
+    train = dataset[dataset["split"] == "train"]
+    return any(column in train.columns and train[column].notna().all() for column in ("noise_kind", "true_pid"))
+
+
 def evaluate_noise_detection(
     dataset_manifest: PathLike,
     teacher_round_manifest: PathLike,

@@ -11,7 +11,12 @@ from fat_distill.evaluate.pictures import (
     plot_ranked_results,
     rank_gallery,
 )
-from fat_distill.evaluate.plots import plot_cmc, plot_confidence_histogram, plot_noise_pr_curve
+from fat_distill.evaluate.plots import (
+    plot_cmc,
+    plot_confidence_flags,
+    plot_confidence_histogram,
+    plot_noise_pr_curve,
+)
 from fat_distill.evaluate.reranking import MAX_RERANK_IMAGES, k_reciprocal_rerank, rerank_features
 from fat_distill.evaluate.retrieval import (
     RetrievalResult,
@@ -36,6 +41,7 @@ __all__ = [
     "k_reciprocal_rerank",
     "noise_detection_report",
     "plot_cmc",
+    "plot_confidence_flags",
     "plot_confidence_histogram",
     "plot_embedding_map",
     "plot_noise_pr_curve",

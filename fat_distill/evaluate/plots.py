@@ -90,16 +90,47 @@ def plot_confidence_histogram(
         ``path``.
     """
     confidence, is_noisy = _noise_arrays(confidence, is_noisy)
+    return _overlaid_histograms(confidence, is_noisy, ("clean", "noisy"), path, threshold,
+                                "Confidence of clean vs noisy labels")
+
+
+def plot_confidence_flags(
+    confidence: Sequence[float] | np.ndarray,
+    flagged: Sequence[bool] | np.ndarray,
+    path: str | Path,
+    threshold: float | None = None,
+) -> Path:
+    """Overlaid histograms of the confidence of the rows the teacher kept and of those it flagged.
+
+    The ground-truth-free view of :func:`plot_confidence_histogram`: on real data
+    nobody knows which labels are noisy, only which ones the teacher distrusts.
+
+    Args:
+        confidence: shape (N,), the teacher's confidence in each given label.
+        flagged: shape (N,), bool, True where the teacher does not trust the label.
+        path: the PNG to write.
+        threshold: confidence below which samples are flagged; drawn if given.
+
+    Returns:
+        ``path``.
+    """
+    confidence, flagged = _noise_arrays(confidence, flagged)
+    return _overlaid_histograms(confidence, flagged, ("kept", "flagged"), path, threshold,
+                                "Teacher confidence in the given labels")
+
+
+def _overlaid_histograms(confidence: np.ndarray, second: np.ndarray, names: tuple[str, str], path: str | Path,
+                         threshold: float | None, title: str) -> Path:
     figure = _new_figure()
     axes = figure.add_subplot()
     low, high = float(confidence.min()), float(confidence.max())
     bins = np.linspace(low, high if high > low else low + 1.0, 41)
-    for name, mask, colour in (("clean", ~is_noisy, "tab:blue"), ("noisy", is_noisy, "tab:red")):
+    for name, mask, colour in ((names[0], ~second, "tab:blue"), (names[1], second, "tab:red")):
         if mask.any():
             axes.hist(confidence[mask], bins=bins, alpha=0.55, color=colour, label=f"{name} ({int(mask.sum())})")
     if threshold is not None:
         axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
-    axes.set(xlabel="confidence", ylabel="samples", title="Confidence of clean vs noisy labels")
+    axes.set(xlabel="confidence", ylabel="samples", title=title)
     axes.legend()
     return _save_png(figure, path)
 

@@ -19,6 +19,8 @@ from fat_distill.manifests.io import (
 )
 from fat_distill.manifests.schemas import (
     DATASET,
+    IDENTITY_AUDIT,
+    LABEL_ACTIONS,
     METRICS,
     NOISE_KINDS,
     SCHEMAS,
@@ -32,7 +34,7 @@ from fat_distill.manifests.schemas import (
 from fat_distill.manifests.summary import diff_manifests, summarise_manifest
 
 __all__ = [
-    "DATASET", "METRICS", "NOISE_KINDS", "SCHEMAS", "SOFT_LABELS", "SPLITS", "TEACHER_ROUND",
+    "DATASET", "IDENTITY_AUDIT", "LABEL_ACTIONS", "METRICS", "NOISE_KINDS", "SCHEMAS", "SOFT_LABELS", "SPLITS", "TEACHER_ROUND",
     "Column", "ManifestError", "ManifestMeta", "ManifestSchema", "atomic_write_parquet", "content_hash",
     "diff_manifests", "file_content_hash", "get_schema", "parent_ref", "read_manifest", "read_manifest_meta",
     "read_manifest_table", "summarise_manifest", "validate_table", "write_manifest",

@@ -18,6 +18,7 @@ METADATA_KEY = b"fat_distill"
 
 SPLITS = ("train", "query", "gallery")
 NOISE_KINDS = ("clean", "flip", "pair", "outlier", "multi")
+LABEL_ACTIONS = ("keep", "relabel", "drop")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,18 @@ DATASET = ManifestSchema(
                doc="injected noise kind (ground truth when known)"),
         Column("identity", pa.string(), required=False, nullable=True,
                doc="original identity name (folders layout)"),
+        Column("flagged", pa.bool_(), required=False, nullable=True,
+               doc="`labels export`: the teacher does not trust the given label"),
+        Column("confidence", pa.float32(), required=False, nullable=True, min_value=0.0, max_value=1.0,
+               doc="`labels export`: the teacher's confidence in the given label"),
+        Column("suggested_pid", pa.int64(), required=False, nullable=True, min_value=0,
+               doc="`labels export`: the teacher's most probable identity"),
+        Column("suggested_prob", pa.float32(), required=False, nullable=True, min_value=0.0, max_value=1.0,
+               doc="`labels export`: its probability"),
+        Column("action", pa.string(), required=False, nullable=True, allowed=LABEL_ACTIONS,
+               doc="`labels export`: proposed action (rule in the section below)"),
+        Column("given_pid", pa.int64(), required=False, nullable=True, min_value=0,
+               doc="`labels export --apply`: the label the row came with, before a relabel"),
     ),
 )
 
@@ -149,7 +162,30 @@ METRICS = ManifestSchema(
     ),
 )
 
-SCHEMAS: dict[str, ManifestSchema] = {s.name: s for s in (DATASET, TEACHER_ROUND, SOFT_LABELS, METRICS)}
+IDENTITY_AUDIT = ManifestSchema(
+    name="identity_audit",
+    version=1,
+    doc="Per identity, what the final teacher round thinks of its given labels (no ground truth needed).",
+    unique="pid",
+    sort_by=("pid",),
+    columns=(
+        Column("pid", pa.int64(), min_value=0, doc="given identity label"),
+        Column("identity", pa.string(), required=False, nullable=True, doc="original identity name, when known"),
+        Column("rows", pa.int64(), min_value=0, doc="train rows with this given label"),
+        Column("flagged", pa.int64(), min_value=0, doc="rows whose given label the teacher does not trust"),
+        Column("flagged_fraction", pa.float64(), min_value=0.0, max_value=1.0,
+               doc="flagged / rows: the identity's estimated noise rate"),
+        Column("relabel", pa.int64(), min_value=0, doc="flagged rows the rule proposes to relabel"),
+        Column("drop", pa.int64(), min_value=0, doc="flagged rows the rule proposes to drop"),
+        Column("top_suggested_pid", pa.int64(), nullable=True, min_value=0,
+               doc="the identity the teacher most often suggests for this identity's flagged rows"),
+        Column("top_suggested_rows", pa.int64(), min_value=0, doc="how many flagged rows it is suggested for"),
+    ),
+)
+
+SCHEMAS: dict[str, ManifestSchema] = {
+    s.name: s for s in (DATASET, TEACHER_ROUND, SOFT_LABELS, METRICS, IDENTITY_AUDIT)
+}
 
 
 def get_schema(name: str) -> ManifestSchema:

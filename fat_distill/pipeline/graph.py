@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from fat_distill.distill.noise_report import has_ground_truth
 from fat_distill.manifests import read_manifest, write_manifest
 from fat_distill.pipeline import stages
 from fat_distill.pipeline.config import PipelineConfig
@@ -73,10 +74,19 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     )).result()
     dataset = noisy["dataset"]
     paths.publish(dataset, "dataset_noisy.parquet")
+    # Real data has no true_pid: the label audit replaces the truth-based report, and the oracle cannot train.
+    truth = has_ground_truth(read_manifest(dataset, "dataset"))
+    if not truth:
+        log.info("data: no ground truth (true_pid / noise_kind) in %s: the label audit replaces the "
+                 "noise-detection report", dataset)
+        if "oracle" in (config.student.method, *config.baselines):
+            raise ValueError("the oracle trains on the true labels, but this dataset has none (noise.enabled is "
+                             "false or the manifest has no true_pid); remove 'oracle' from baselines")
 
     teacher_cfg = config.teacher
     teacher_dir = str(paths.stage_dir("teacher"))
     previous: str | None = None
+    rounds: list[str] = []
     round_out: dict[str, Any] = {}
     for r in range(teacher_cfg.rounds):
         inputs = {"dataset": dataset, "previous_round": previous}
@@ -97,18 +107,25 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
         )).result()
         paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
         previous = round_out["teacher_round"]
+        rounds.append(previous)
         change = round_out.get("change")
         if change is not None and change <= teacher_cfg.tolerance:
             log.info("teacher: confident set changed by %.2f%% <= tolerance after round %d; stopping",
                      100 * change, r)
             break
 
+    audit = executor.submit(make_call(
+        "label_audit", "label_audit", stages.label_audit_stage,
+        inputs={"dataset": dataset, "rounds": rounds}, config={},
+        kwargs={"dataset": dataset, "rounds": rounds, "work_dir": str(paths.stage_dir("label_audit")),
+                "plots_dir": str(paths.plots_dir)},
+    ))
     noise_report = executor.submit(make_call(
         "noise_report", "noise_report", stages.noise_report_stage,
         inputs={"dataset": dataset, "teacher_round": previous}, config={},
         kwargs={"dataset": dataset, "teacher_round": previous, "work_dir": str(paths.stage_dir("noise_report")),
                 "plots_dir": str(paths.plots_dir)},
-    ))
+    )) if truth else None
     soft = executor.submit(make_call(
         "soft_labels", "soft_labels", stages.soft_labels_stage,
         inputs={"dataset": dataset, "final_round": previous, "checkpoints": round_out["checkpoints"]},
@@ -140,24 +157,39 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
                     "work_dir": str(paths.stage_dir("evaluate")), "plots_dir": str(paths.plots_dir)},
         ))
     metric_paths = {method: h.result()["metrics"] for method, h in evaluations.items()}
-    noise_metrics = noise_report.result()["metrics"]
-    for path in [*metric_paths.values(), noise_metrics]:
-        paths.publish(path)
-    return summarise_metrics(paths, metric_paths, noise_metrics)
+    audited = audit.result()
+    paths.publish(audited["identities"])
+    noise_metrics = noise_report.result()["metrics"] if noise_report is not None else None
+    for path in [*metric_paths.values(), audited["metrics"], noise_metrics]:
+        if path is not None:
+            paths.publish(path)
+    return summarise_metrics(paths, metric_paths, audited["metrics"], noise_metrics)
 
 
 KEY_METRICS = ("rank1", "rank5", "mAP", "mINP")
 
 
-def summarise_metrics(paths: RunPaths, metric_paths: dict[str, str], noise_metrics: str) -> dict[str, Any]:
-    """Collect every stage's metrics into one ``metrics.parquet`` and a small JSON-ready summary."""
-    frames = [read_manifest(p, "metrics") for p in [*metric_paths.values(), noise_metrics]]
-    table = pd.concat(frames, ignore_index=True)
+def summarise_metrics(paths: RunPaths, metric_paths: dict[str, str], audit_metrics: str,
+                      noise_metrics: str | None) -> dict[str, Any]:
+    """Collect every stage's metrics into one ``metrics.parquet`` and a small JSON-ready summary.
+
+    ``noise_detection`` (scored against the ground truth) is empty when the data has none;
+    ``label_audit`` (the final teacher round's own view of the labels) is always there.
+    """
+    sources = [*metric_paths.values(), audit_metrics, *([noise_metrics] if noise_metrics else [])]
+    table = pd.concat([read_manifest(p, "metrics") for p in sources], ignore_index=True)
     write_manifest(table, paths.manifest_dir / "metrics.parquet", "metrics", stage="summary")
     retrieval = {}
     for method, path in metric_paths.items():
         f = read_manifest(path, "metrics").set_index("metric")["value"]
         retrieval[method] = {m: float(f[m]) for m in KEY_METRICS if m in f.index}
-    noise = read_manifest(noise_metrics, "metrics").set_index("metric")["value"]
-    detection = {k: (None if pd.isna(v) else float(v)) for k, v in noise.items() if k.startswith("all.")}
-    return {"retrieval": retrieval, "noise_detection": detection}
+    audit = read_manifest(audit_metrics, "metrics")
+    final = audit[audit["step"] == audit["step"].max()]
+    label_audit = {"round": int(final["step"].iloc[0]),
+                   **{m: (None if pd.isna(v) else float(v)) for m, v in zip(final["metric"], final["value"])}}
+    detection = {}
+    if noise_metrics:
+        noise = read_manifest(noise_metrics, "metrics").set_index("metric")["value"]
+        detection = {k: (None if pd.isna(v) else float(v)) for k, v in noise.items() if k.startswith("all.")}
+    return {"retrieval": retrieval, "noise_detection": detection, "label_audit": label_audit}
+

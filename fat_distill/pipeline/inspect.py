@@ -61,3 +61,13 @@ def inspect_run(run_dir: str | Path) -> dict[str, Any]:
                          clean=int((~is_noisy).sum()), clean_kept=int((~is_noisy & conf).sum()))
         report["teacher_rounds"].append(entry)
     return report
+
+
+def describe_label_audit(audit: dict[str, Any]) -> str:
+    """One line of the summary's ``label_audit``: what the final teacher round flagged and proposes."""
+    if not audit or audit.get("rows") is None:
+        return "n/a"
+    rate = audit.get("estimated_noise_rate")
+    return (f"round {audit['round']}: {int(audit['flagged']):,} of {int(audit['rows']):,} train rows flagged "
+            f"(estimated noise rate {'n/a' if rate is None else f'{100 * rate:.1f}%'}); proposed: "
+            f"keep {int(audit['keep']):,}, relabel {int(audit['relabel']):,}, drop {int(audit['drop']):,}")

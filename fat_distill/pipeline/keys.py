@@ -30,6 +30,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "student": ("data", "manifests", "models", "losses", "train", "distill"),
     "evaluate": ("data", "manifests", "models", "train", "distill", "evaluate"),
     "noise_report": ("manifests", "distill", "evaluate"),
+    "label_audit": ("manifests", "distill", "evaluate"),
 }
 
 

@@ -151,7 +151,14 @@ def noise_report_stage(dataset: str | Path, teacher_round: str | Path, work_dir:
     return {"metrics": str(out), "plots": plots}
 
 
+def label_audit_stage(dataset: str | Path, rounds: list[str], work_dir: str | Path, plots_dir: str | Path) -> Outputs:
+    """What the teacher rounds think of the given labels (no ground truth needed): metrics, identities, a plot."""
+    from fat_distill.distill import audit_labels
+
+    return audit_labels(dataset, rounds, work_dir, plots_dir=plots_dir)
+
+
 __all__ = [
-    "Outputs", "data_stage", "evaluate_stage", "noise_report_stage", "noise_stage", "round_manifest_path",
+    "Outputs", "data_stage", "evaluate_stage", "label_audit_stage", "noise_report_stage", "noise_stage", "round_manifest_path",
     "soft_labels_stage", "student_stage", "teacher_fold_stage", "teacher_round_stage",
 ]
