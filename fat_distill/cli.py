@@ -107,14 +107,16 @@ def data_synth(
 @data_app.command("index")
 def data_index(
     root: Annotated[Path, typer.Argument(help="Dataset root folder.")],
-    layout: Annotated[str, typer.Option(help="market1501 | dukemtmc | msmt17 | folders (ROOT/<identity>/<image>).")],
+    layout: Annotated[str, typer.Option(help="market1501 | dukemtmc | msmt17 | folders (ROOT/<identity>/<image>, "
+                                             "or ROOT/train/<identity>/... with ROOT/test/... or ROOT/query/... + "
+                                             "ROOT/gallery/...).")],
     out: Annotated[Optional[Path], typer.Option(help="Manifest to write (default: data_manifests/<root name>.parquet).")] = None,
     verify: Annotated[bool, typer.Option(help="Decode every image and report unreadable ones (reads every file).")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Leave missing/unreadable images out (and list them) instead of failing.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail if any image name does not fit the layout.")] = False,
     camera_regex: Annotated[Optional[str], typer.Option(help="folders: regex with one group giving the camera id from the file name.")] = None,
-    split_identities: Annotated[Optional[float], typer.Option(help="folders: fraction of identities held out as query/gallery test identities.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --split-identities draw.")] = 0,
+    split_identities: Annotated[Optional[float], typer.Option(help="folders without test folders: fraction of identities held out as query/gallery test identities.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --split-identities draw and of the query/gallery split of test/ identities.")] = 0,
     allow_outside_root: Annotated[bool, typer.Option(
         "--allow-outside-root",
         help="Index images reached through symlinks that lead outside ROOT, and record that permission in the "
@@ -136,10 +138,13 @@ def data_index(
                                      "split_identities": split_identities, "seed": seed, "skip_bad": skip_bad}),
             extra={"dataset_root": str(root.resolve()), "layout": layout,
                    "unparsed": len(result.unparsed), "bad_images": len(result.bad_images),
+                   **({"folders_structure": result.structure} if result.structure else {}),
                    **({"allow_outside_root": True} if allow_outside_root else {})},
         )
     except USER_ERRORS as exc:
         _fail(exc)
+    if result.structure:
+        console.print(f"detected {result.describe_structure()}", highlight=False, soft_wrap=True)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     for path, reason in result.bad_images:

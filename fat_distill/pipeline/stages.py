@@ -65,11 +65,14 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
                                split_identities=config.split_identities, seed=config.split_seed,
                                verify=config.verify, skip_bad=config.skip_bad,
                                allow_outside_root=config.allow_outside_root)
+    if result.structure:
+        log.info("data: %s: %s", root, result.describe_structure())
     for warning in result.warnings:
         log.warning("data: %s", warning)
     write_manifest(result.frame, out, "dataset", stage="data.index", config_hash=config_hash(config),
                    extra={"dataset_root": str(Path(root).resolve()), "layout": layout,
                           "bad_images": len(result.bad_images), "unparsed": len(result.unparsed),
+                          **({"folders_structure": result.structure} if result.structure else {}),
                           **_permission(config)})
     return {"dataset": str(out)}
 
