@@ -107,14 +107,16 @@ def data_synth(
 @data_app.command("index")
 def data_index(
     root: Annotated[Path, typer.Argument(help="Dataset root folder.")],
-    layout: Annotated[str, typer.Option(help="market1501 | dukemtmc | msmt17 | folders (ROOT/<identity>/<image>).")],
+    layout: Annotated[str, typer.Option(help="market1501 | dukemtmc | msmt17 | folders (ROOT/<identity>/<image>, "
+                                             "or ROOT/train/<identity>/... with ROOT/test/... or ROOT/query/... + "
+                                             "ROOT/gallery/...).")],
     out: Annotated[Optional[Path], typer.Option(help="Manifest to write (default: data_manifests/<root name>.parquet).")] = None,
     verify: Annotated[bool, typer.Option(help="Decode every image and report unreadable ones (reads every file).")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Leave missing/unreadable images out (and list them) instead of failing.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail if any image name does not fit the layout.")] = False,
     camera_regex: Annotated[Optional[str], typer.Option(help="folders: regex with one group giving the camera id from the file name.")] = None,
-    split_identities: Annotated[Optional[float], typer.Option(help="folders: fraction of identities held out as query/gallery test identities.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --split-identities draw.")] = 0,
+    split_identities: Annotated[Optional[float], typer.Option(help="folders without test folders: fraction of identities held out as query/gallery test identities.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --split-identities draw and of the query/gallery split of test/ identities.")] = 0,
     allow_outside_root: Annotated[bool, typer.Option(
         "--allow-outside-root",
         help="Index images reached through symlinks that lead outside ROOT, and record that permission in the "
@@ -136,10 +138,13 @@ def data_index(
                                      "split_identities": split_identities, "seed": seed, "skip_bad": skip_bad}),
             extra={"dataset_root": str(root.resolve()), "layout": layout,
                    "unparsed": len(result.unparsed), "bad_images": len(result.bad_images),
+                   **({"folders_structure": result.structure} if result.structure else {}),
                    **({"allow_outside_root": True} if allow_outside_root else {})},
         )
     except USER_ERRORS as exc:
         _fail(exc)
+    if result.structure:
+        console.print(f"detected {result.describe_structure()}", highlight=False, soft_wrap=True)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     for path, reason in result.bad_images:
@@ -205,7 +210,11 @@ def data_corrupt(
 def manifest_validate(
     paths: Annotated[list[Path], typer.Argument(help="Manifest file(s) to check.")],
     schema: Annotated[Optional[str], typer.Option(help="Expected schema (dataset, teacher_round, soft_labels, "
-                                                       "metrics); default: the one the file names.")] = None,
+                                                       "metrics); default: the one the file names. Needed for a "
+                                                       "file written back by pandas, Polars or DuckDB.")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        help="dataset manifests: the folder their image paths are relative to (replaces the recorded dataset "
+             "root). Paths are checked under it and every image file must exist.")] = None,
     allow_outside_root: Annotated[bool, typer.Option(
         "--allow-outside-root",
         help="dataset manifests: accept paths that are absolute, climb out with '..' or are symlinks leaving the "
@@ -213,15 +222,17 @@ def manifest_validate(
 ) -> None:
     """Check that manifests match their schema (columns, types, values, unique keys).
 
-    For [b]dataset[/b] manifests whose dataset root exists, every path must also stay inside that root
-    (no absolute paths, no '..' escapes, no symlinks leading out), unless the manifest was indexed with
-    --allow-outside-root or you pass it here.
+    For [b]dataset[/b] manifests with a dataset root (--root, else the recorded one when it exists here),
+    every path must stay inside that root (no absolute paths, no '..' escapes, no symlinks leading out)
+    and every image file must exist. Without a root, absolute paths and '..' are still refused, and the
+    files are not checked (pass --root). Paths outside the root pass when the manifest was indexed with
+    --allow-outside-root or you pass it here. Exit status 2 if any manifest is invalid.
     """
     failed = 0
     for path in paths:
         try:
             frame = read_manifest(path, schema)
-            note = _check_dataset_paths(path, frame, allow_outside_root)
+            note = _check_dataset_paths(path, frame, allow_outside_root, root)
         except USER_ERRORS as exc:
             failed += 1
             err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False, soft_wrap=True)
@@ -233,25 +244,47 @@ def manifest_validate(
         raise typer.Exit(code=2)
 
 
-def _check_dataset_paths(path: Path, frame, allow_outside_root: bool) -> str:
-    """Check a dataset manifest's paths against its root; returns a note for the "ok" line."""
+def _check_dataset_paths(path: Path, frame, allow_outside_root: bool, root: Path | None = None) -> str:
+    """Check a dataset manifest's paths (and, with a root, its files); returns a note for the "ok" line."""
+    from fat_distill.data.images import find_missing_files
     from fat_distill.data.paths import check_sample_paths
 
     meta = frame.attrs["manifest"]
     if meta.schema != "dataset":
-        return ""
-    root = meta.extra.get("dataset_root")
-    if not root:
-        return "; paths not checked: no dataset_root recorded"
-    root = Path(root) if Path(root).is_absolute() else Path(path).parent / root
-    if not root.is_dir():
-        return f"; paths not checked: dataset root {str(root)!r} is not here"
-    recorded = bool(meta.extra.get("allow_outside_root", False))
-    if allow_outside_root or recorded:
-        return "; paths outside the dataset root permitted" + (" (recorded in the manifest)" if recorded else "")
-    check_sample_paths(frame["path"].astype(str).tolist(), root, sample_ids=frame["sample_id"].astype(str).tolist(),
-                       where=str(path))
-    return "; all paths inside the dataset root"
+        return "; --root ignored: not a dataset manifest" if root is not None else ""
+    if root is not None and not root.is_dir():
+        raise ValueError(f"--root {str(root)!r} is not a folder; pass the folder {path}'s image paths are "
+                         "relative to")
+    unknown = ""
+    if root is None:
+        recorded = meta.extra.get("dataset_root")
+        if not recorded:
+            unknown = "no dataset root is recorded"
+        else:
+            root = Path(recorded) if Path(recorded).is_absolute() else Path(path).parent / recorded
+            if not root.is_dir():
+                unknown, root = f"the recorded dataset root {str(root)!r} is not here", None
+    recorded_permission = bool(meta.extra.get("allow_outside_root", False))
+    permitted = allow_outside_root or recorded_permission
+    paths = frame["path"].astype(str).tolist()
+    check_sample_paths(paths, root, sample_ids=frame["sample_id"].astype(str).tolist(),
+                       allow_outside_root=permitted, where=str(path))
+    if permitted:
+        note = "; paths outside the dataset root permitted" + (" (recorded in the manifest)"
+                                                                if recorded_permission else "")
+    else:
+        note = "; all paths inside the dataset root" if root is not None else "; no absolute or '..' paths"
+    if root is None:
+        return f"{note}; image files not checked: {unknown} (pass --root DIR)"
+    with console.status(f"looking for {len(paths):,} image files under {root}"):
+        missing = find_missing_files(root, paths)
+    if missing:
+        row = missing[0]
+        raise ValueError(f"{path}: {len(missing)} of {len(paths)} image file(s) are missing under the dataset root "
+                         f"{str(root)!r}, first row {row} (sample_id {frame['sample_id'].iloc[row]!r}, path "
+                         f"{paths[row]!r}). Restore them, pass the folder the images are in now as --root, or "
+                         "remove those rows")
+    return f"{note}; all {len(paths):,} image files present"
 
 
 def _render_summary(summary: dict) -> None:

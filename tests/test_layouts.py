@@ -18,6 +18,7 @@ from fat_distill.data.layouts import (
     MissingSplitFoldersError,
     UnparsedNamesError,
     UnreadableImageError,
+    choose_queries,
     index_dataset,
 )
 
@@ -387,6 +388,177 @@ def test_argument_errors(tmp_path):
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(DatasetLayoutError, match="strictly between 0 and 1"):
             index_dataset(tmp_path, "folders", split_identities=bad)
+
+
+# --------------------------------------------------------------------------- folders with split folders
+
+
+def make_split_folders(root: Path, parts: dict[str, dict[str, list[int]]]) -> Path:
+    """``root/<part>/<identity>/<identity>_c<cam>_<n>.png`` for each camera number listed per identity."""
+    for part, identities in parts.items():
+        for identity, cameras in identities.items():
+            for index, camera in enumerate(cameras):
+                write_image(root / part / identity / f"{identity}_c{camera}_{index:03d}.png", index)
+    return root
+
+
+def test_folders_train_test_splits_test_identities_by_camera(tmp_path):
+    make_split_folders(tmp_path, {
+        "train": {"alice": [1, 2], "bob": [1, 1, 2]},
+        "test": {"bob": [3, 3],                      # also a train identity: same pid, and a warning
+                 "carol": [1, 1, 2, 2, 3],           # three cameras: one query each
+                 "dave": [2],                        # a single image: gallery only
+                 "erin": [4, 4, 4]},                 # one camera only: no cross-camera match, gallery only
+    })
+    result = index_dataset(tmp_path, "folders", camera_regex=r"_c(\d+)_", seed=1)
+    frame = result.frame
+    assert result.structure == "train_test"
+    assert "train_test" in result.describe_structure() and "ROOT/test/<identity>" in result.describe_structure()
+    assert set(frame["identity"]) == {"alice", "bob", "carol", "dave", "erin"}  # no identity named train/test
+    assert frame.groupby("identity")["pid"].nunique().eq(1).all()  # one pid per name across train and test
+    assert frame.groupby("identity")["pid"].first().to_dict() == {"alice": 1, "bob": 2, "carol": 3, "dave": 4,
+                                                                   "erin": 5}
+    assert set(frame.loc[frame["path"].str.startswith("train/"), "split"]) == {"train"}
+    test = frame[frame["path"].str.startswith("test/")]
+    assert set(test["split"]) <= {"query", "gallery"}
+    queries = test[test["split"] == "query"]
+    assert queries.groupby("identity")["camid"].apply(sorted).to_dict() == {"carol": [1, 2, 3]}
+    # Every query keeps a gallery image of its identity from another camera (or an unknown one).
+    gallery = test[test["split"] == "gallery"]
+    for query in queries.itertuples():
+        matches = gallery[(gallery["pid"] == query.pid) & (gallery["camid"] != query.camid)]
+        assert len(matches), query.sample_id
+    assert set(test.loc[test["identity"].isin(["bob", "dave", "erin"]), "split"]) == {"gallery"}
+    joined = " ".join(result.warnings)
+    assert "1 test identit(ies) have a single image" in joined and "dave" in joined
+    assert "2 test identit(ies) were seen by one camera only" in joined and "bob, erin" in joined
+    assert "both train and test" in joined and "bob" in joined
+
+    assert frame.equals(index_dataset(tmp_path, "folders", camera_regex=r"_c(\d+)_", seed=1).frame)
+    def query_ids(seed):
+        drawn = index_dataset(tmp_path, "folders", camera_regex=r"_c(\d+)_", seed=seed).frame
+        return tuple(drawn.loc[drawn["split"] == "query", "sample_id"])
+
+    draws = {query_ids(seed) for seed in range(8)}
+    assert len(draws) > 1  # the seed picks which image of a camera is the query
+
+
+def test_folders_train_test_without_cameras_takes_one_query_per_identity(tmp_path):
+    make_split_folders(tmp_path, {"train": {"a": [1, 2], "b": [1, 2]},
+                                  "test": {"c": [1, 2, 3], "d": [1, 1], "e": [5]}})
+    frame = index_dataset(tmp_path, "folders").frame
+    test = frame[frame["split"] != "train"]
+    assert test.groupby("identity")["split"].apply(lambda s: int((s == "query").sum())).to_dict() == {
+        "c": 1, "d": 1, "e": 0}
+    assert (frame["camid"] == -1).all()
+
+
+def test_folders_train_query_gallery_keeps_the_given_splits(tmp_path):
+    make_split_folders(tmp_path, {"Train": {"p1": [1, 2], "p2": [1]},
+                                  "query": {"p10": [1], "p11": [2]},
+                                  "gallery": {"p10": [2, 3], "p11": [1], "p12": [4]}})
+    result = index_dataset(tmp_path, "folders")
+    frame = result.frame
+    assert result.structure == "train_query_gallery"
+    by_part = frame.assign(part=frame["path"].str.split("/").str[0]).groupby("part")["split"].unique()
+    assert {part: list(splits) for part, splits in by_part.items()} == {
+        "Train": ["train"], "query": ["query"], "gallery": ["gallery"]}
+    assert frame.groupby("identity")["pid"].first().to_dict() == {"p1": 1, "p2": 2, "p10": 3, "p11": 4, "p12": 5}
+    assert frame.loc[frame["identity"] == "p10", "pid"].nunique() == 1
+
+    evaluation_only = tmp_path / "eval"
+    make_split_folders(evaluation_only, {"query": {"x": [1]}, "gallery": {"x": [2], "y": [1]}, "notes": {}})
+    (evaluation_only / "notes").mkdir()  # a folder without images next to the splits is ignored
+    result = index_dataset(evaluation_only, "folders")
+    assert result.structure == "query_gallery" and set(result.frame["split"]) == {"query", "gallery"}
+
+
+def test_folders_train_folder_alone_is_the_identities_folder(tmp_path):
+    make_split_folders(tmp_path, {"train": {f"id{i}": [1, 2, 3] for i in range(6)}})
+    result = index_dataset(tmp_path, "folders", split_identities=0.5, seed=0)
+    assert result.structure == "train"
+    assert (result.frame["path"].str.startswith("train/")).all()
+    assert result.frame.groupby("split")["identity"].nunique().to_dict() == {"train": 3, "query": 3, "gallery": 3}
+    assert index_dataset(tmp_path / "train", "folders").structure == "identities"
+
+
+@pytest.mark.parametrize(
+    ("parts", "hint"),
+    [
+        ({"test": {"a": [1, 2]}}, "A test/ folder alone has no train identities"),
+        ({"train": {"a": [1, 2]}, "val": {"b": [1, 2]}}, "Merge the validation identities into train/"),
+        ({"training": {"a": [1, 2]}, "testing": {"b": [1, 2]}}, "Rename training/ to train/"),
+        ({"train": {"a": [1, 2]}, "test": {"b": [1, 2]}, "query": {"b": [3]}}, "Rearrange the folders"),
+        ({"bounding_box_train": {"a": [1]}, "bounding_box_test": {"b": [1]}}, "use --layout market1501"),
+    ],
+)
+def test_folders_refuses_split_folders_it_does_not_understand(tmp_path, parts, hint):
+    make_split_folders(tmp_path, parts)
+    with pytest.raises(DatasetLayoutError) as caught:
+        index_dataset(tmp_path, "folders")
+    message = str(caught.value)
+    assert str(tmp_path) in message and "does not understand" in message and hint in message
+
+
+def test_folders_refuses_split_folders_next_to_identity_folders(tmp_path):
+    make_identity_folders(tmp_path, {"alice": 2, "bob": 2})
+    make_split_folders(tmp_path, {"test": {"carol": [1, 2]}})
+    with pytest.raises(DatasetLayoutError, match=r"mixes split folder\(s\) test/ with 2 other image folder\(s\) "
+                                                 r"\(alice, bob\).*ROOT/train/<identity>/"):
+        index_dataset(tmp_path, "folders")
+
+
+def test_folders_split_identities_is_refused_when_test_folders_exist(tmp_path):
+    make_split_folders(tmp_path, {"train": {"a": [1, 2]}, "test": {"b": [1, 2]}})
+    with pytest.raises(DatasetLayoutError, match="already has them .*train_test.*Drop --split-identities"):
+        index_dataset(tmp_path, "folders", split_identities=0.5)
+
+
+def test_other_layouts_report_no_folders_structure(tmp_path):
+    assert index_dataset(make_market(tmp_path), "market1501").structure is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_choose_queries_one_per_camera_and_each_keeps_a_cross_camera_match(seed):
+    rng = np.random.default_rng(seed)
+    cameras = rng.integers(1, 4, size=int(rng.integers(1, 7))).tolist()
+    if seed % 5 == 0:
+        cameras = [-1] * len(cameras)
+    images = [(f"img{index}", camid) for index, camid in enumerate(cameras)]
+    queries = choose_queries(images, np.random.default_rng(0))
+    camid_of = dict(images)
+    query_cameras = [camid_of[path] for path in queries]
+    assert len(set(query_cameras)) == len(query_cameras)  # at most one per camera
+    gallery = [camid for path, camid in images if path not in queries]
+    for camid in query_cameras:
+        assert any(camid == -1 or other != camid for other in gallery)
+    # Maximal: no left-out camera could have had a query too (brute force over the gallery's cameras).
+    for camid in set(gallery) - set(query_cameras):
+        left = list(gallery)
+        left.remove(camid)
+        assert not all(any(q == -1 or other != q for other in left) for q in [*query_cameras, camid])
+
+
+def test_cli_data_index_prints_and_records_the_folders_structure(tmp_path):
+    from typer.testing import CliRunner
+
+    from fat_distill.cli import app
+    from fat_distill.manifests import read_manifest
+
+    make_split_folders(tmp_path / "faces", {"train": {"a": [1, 2]}, "test": {"b": [1, 2], "c": [1, 2]}})
+    out = tmp_path / "faces.parquet"
+    result = CliRunner().invoke(app, ["data", "index", str(tmp_path / "faces"), "--layout", "folders",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "detected folders structure 'train_test'" in result.output
+    meta = read_manifest(out).attrs["manifest"]
+    assert meta.extra["folders_structure"] == "train_test" and meta.extra["layout"] == "folders"
+
+    make_split_folders(tmp_path / "bad", {"train": {"a": [1, 2]}, "val": {"b": [1, 2]}})
+    refused = CliRunner().invoke(app, ["data", "index", str(tmp_path / "bad"), "--layout", "folders",
+                                       "--out", str(tmp_path / "bad.parquet")])
+    assert refused.exit_code == 2 and "does not understand" in refused.output
+    assert not (tmp_path / "bad.parquet").exists()
 
 
 # --------------------------------------------------------------------------- real data

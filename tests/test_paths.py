@@ -15,6 +15,7 @@ from fat_distill.data import (
     UnsafeSamplePathError,
     check_sample_paths,
     corrupt_labels,
+    find_missing_files,
     find_paths_outside_root,
     index_dataset,
 )
@@ -81,6 +82,23 @@ def test_each_unsafe_path_is_named_with_its_row(tree, path, reason):
     assert message.startswith("my.parquet: row 6 (sample_id 'the-bad-one')")
     assert reason in message and "--allow-outside-root" in message
     check_sample_paths(paths, root, sample_ids=ids, allow_outside_root=True)  # deliberate: allowed
+
+
+def test_without_a_root_only_the_path_text_is_checked(tree):
+    _, _, frame = tree
+    # Links cannot be followed without a root, so a linked path passes; what the text says cannot.
+    check_sample_paths([*frame["path"], "train/linked_file.png", "a/../b.png"], None)
+    for path, reason in [("/etc/passwd", "is absolute"), ("../b.png", "uses '..' to climb out"), ("", "is empty")]:
+        assert [row for row, _ in find_paths_outside_root(["ok.png", path], None)] == [1]
+        with pytest.raises(UnsafeSamplePathError, match=rf"row 1 \(sample_id 'bad'\).*{reason}.*no dataset root known"):
+            check_sample_paths(["ok.png", path], None, sample_ids=["ok", "bad"])
+        check_sample_paths(["ok.png", path], None, allow_outside_root=True)
+
+
+def test_find_missing_files_names_rows_without_a_regular_file(tree):
+    root, _, frame = tree
+    paths = [*frame["path"], "train/absent.png", "train", "train/inside_link.png", "train/linked_file.png"]
+    assert find_missing_files(root, paths) == [len(frame), len(frame) + 1]
 
 
 def test_error_counts_every_bad_row(tree):

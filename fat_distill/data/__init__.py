@@ -1,7 +1,7 @@
 """Data: dataset layouts → manifests, synthetic ReID data, label-noise injection, images, P×K sampling."""
 
 from fat_distill.data.image_dataset import ImageDecodeError, ManifestImageDataset, build_label_map, decode_image_file
-from fat_distill.data.images import IMAGE_SUFFIXES, check_image
+from fat_distill.data.images import IMAGE_SUFFIXES, check_image, find_missing_files
 from fat_distill.data.layouts import LAYOUTS, DatasetLayoutError, IndexResult, index_dataset
 from fat_distill.data.noise import corrupt_labels, noise_summary, pair_partners
 from fat_distill.data.paths import UnsafeSamplePathError, check_sample_paths, find_paths_outside_root
@@ -13,6 +13,6 @@ __all__ = [
     "IMAGE_SUFFIXES", "LAYOUTS", "DatasetLayoutError", "IdentityBatchSampler", "IdentitySampler", "ImageDecodeError",
     "IndexResult", "ManifestImageDataset", "NuisanceConfig", "SynthSummary", "UnsafeSamplePathError",
     "build_label_map", "build_transforms", "check_image", "check_sample_paths", "corrupt_labels",
-    "decode_image_file", "find_paths_outside_root", "generate_synthetic_reid", "index_dataset",
+    "decode_image_file", "find_missing_files", "find_paths_outside_root", "generate_synthetic_reid", "index_dataset",
     "noise_summary", "pair_partners",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_file", "check_image", "find_unreadable_images"]
+__all__ = ["IMAGE_SUFFIXES", "is_image_file", "check_image", "find_missing_files", "find_unreadable_images"]
 
 #: File suffixes (lower case, with the dot) treated as images; matched case-insensitively.
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
@@ -96,3 +96,22 @@ def find_unreadable_images(
         for relative_path, reason in zip(relative_paths, reasons)
         if reason is not None
     ]
+
+
+def find_missing_files(root: str | os.PathLike[str], relative_paths: Sequence[str]) -> list[int]:
+    """Positions of the paths that name no regular file under ``root`` (one ``stat`` each, nothing decoded).
+
+    The cheap check for a manifest whose images were moved, renamed or never
+    copied; :func:`find_unreadable_images` also decodes every file. An absolute
+    path is looked up as it is (``root / "/abs"`` is ``/abs``): whether it may
+    be read at all is :func:`fat_distill.data.paths.check_sample_paths`' question.
+
+    Args:
+        root: directory the paths are relative to.
+        relative_paths: ``(N,)`` paths relative to ``root``.
+
+    Returns:
+        The 0-based positions of missing files, in input order.
+    """
+    root = Path(root)
+    return [row for row, relative_path in enumerate(relative_paths) if not (root / relative_path).is_file()]

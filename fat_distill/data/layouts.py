@@ -22,12 +22,29 @@ Supported layouts (``layout=`` argument of :func:`index_dataset`):
     listed + 1, test pid = listed + 1 + (largest listed train pid + 1). The
     original label is kept in column ``identity`` (``"train/5"``, ``"test/5"``).
 ``folders``
-    ``ROOT/<identity>/<image>`` (images may sit in subfolders of the identity
-    folder). Identity folders get pids 1..N in natural sort order (``s2``
-    before ``s10``); the folder name is kept in column ``identity``. camid
-    comes from ``camera_regex`` (one group, applied to the file name) or is −1
-    (unknown). Everything is train unless ``split_identities`` holds out a
-    fraction of identities as query/gallery.
+    One folder per identity (images may sit in subfolders of it), in one of
+    the structures of :data:`FOLDERS_STRUCTURES`, detected from the folder
+    names directly under the root (``train``, ``test``, ``query``,
+    ``gallery``, matched case-insensitively):
+
+    - ``ROOT/<identity>/<image>`` (``identities``) or ``ROOT/train/<identity>/…``
+      (``train``): everything is train unless ``split_identities`` holds out a
+      seeded fraction of identities as test identities;
+    - ``ROOT/train/<identity>/…`` + ``ROOT/test/<identity>/…`` (``train_test``):
+      each test identity's images are split into query and gallery by
+      :func:`choose_queries` (one query per camera, Market-1501 style; one per
+      identity when cameras are unknown; none for a single image), seeded by
+      ``seed``;
+    - ``ROOT/train/…`` + ``ROOT/query/…`` + ``ROOT/gallery/…``
+      (``train_query_gallery``; without train/: ``query_gallery``): splits as given.
+
+    Any other set of split-named folders (``test/`` alone, ``train/`` +
+    ``val/``, …), or split folders next to identity folders, is refused rather
+    than read as identities named "train" and "test". Identities get pids
+    1..N in natural sort order of their folder names (``s2`` before ``s10``),
+    one pid per name across splits; the name is kept in column ``identity``.
+    camid comes from ``camera_regex`` (one group, applied to the file name) or
+    is −1 (unknown).
 
 ``sample_id`` and ``path`` are the image's path relative to the root given to
 :func:`index_dataset`, with POSIX separators.
@@ -35,9 +52,11 @@ Supported layouts (``layout=`` argument of :func:`index_dataset`):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -48,8 +67,10 @@ from fat_distill.data.images import find_unreadable_images, is_image_file
 from fat_distill.data.paths import check_sample_paths
 
 __all__ = [
+    "FOLDERS_STRUCTURES",
     "LAYOUTS",
     "SPLITS",
+    "choose_queries",
     "IndexResult",
     "index_dataset",
     "DatasetLayoutError",
@@ -87,7 +108,30 @@ MSMT_IMAGE_FOLDERS: dict[str, tuple[str, ...]] = {
     "test": ("test", "mask_test_v2"),
 }
 
+#: The ``folders`` structures :func:`index_dataset` understands, by the name it reports them under.
+FOLDERS_STRUCTURES: dict[str, str] = {
+    "identities": "ROOT/<identity>/<image>, all train unless split_identities holds identities out",
+    "train": "ROOT/train/<identity>/<image>, all train unless split_identities holds identities out",
+    "train_test": "ROOT/train/<identity>/... + ROOT/test/<identity>/..., test images split into query/gallery",
+    "train_query_gallery": "ROOT/train/<identity>/... + ROOT/query/<identity>/... + ROOT/gallery/<identity>/...",
+    "query_gallery": "ROOT/query/<identity>/... + ROOT/gallery/<identity>/... (no train split)",
+}
+_FOLDERS_STRUCTURE_OF_PARTS: dict[frozenset[str], str] = {
+    frozenset({"train"}): "train",
+    frozenset({"train", "test"}): "train_test",
+    frozenset({"train", "query", "gallery"}): "train_query_gallery",
+    frozenset({"query", "gallery"}): "query_gallery",
+}
+#: Folder names (lower case) that name a split, not an identity, directly under a ``folders`` root.
+SPLIT_FOLDER_NAMES: frozenset[str] = frozenset({
+    "train", "training", "test", "testing", "query", "gallery", "val", "valid", "validation",
+    "bounding_box_train", "bounding_box_test",
+})
+UNKNOWN_CAMERA = -1
+
 _SHOWN = 5  # how many example paths an error or warning message lists
+
+log = logging.getLogger("fat_distill.data")
 
 
 class DatasetLayoutError(ValueError):
@@ -141,12 +185,21 @@ class IndexResult:
             missing or undecodable (only with ``skip_bad=True``).
         warnings: human-readable notes on everything else that was dropped or
             guessed; the caller decides how to show them.
+        structure: ``folders`` only: which of :data:`FOLDERS_STRUCTURES` the
+            root has (``None`` for the other layouts).
     """
 
     frame: pd.DataFrame
     unparsed: list[str] = field(default_factory=list)
     bad_images: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    structure: str | None = None
+
+    def describe_structure(self) -> str | None:
+        """One line naming the detected ``folders`` structure, or ``None`` for the other layouts."""
+        if self.structure is None:
+            return None
+        return f"folders structure {self.structure!r}: {FOLDERS_STRUCTURES[self.structure]}"
 
 
 def index_dataset(
@@ -169,11 +222,13 @@ def index_dataset(
         camera_regex: ``folders`` only. A regular expression with exactly one
             group, searched in each file name; the group is the integer camid.
             Files it does not match are listed in ``unparsed``. Default: camid −1.
-        split_identities: ``folders`` only. Fraction ``f`` (0 < f < 1) of
-            identities held out as test identities: per test identity one
-            image goes to query, the rest to gallery. Default: all train.
-        seed: seed for the ``split_identities`` draw; same seed and same
-            files give the same split.
+        split_identities: ``folders`` only, structures without test folders
+            (``identities``, ``train``). Fraction ``f`` (0 < f < 1) of
+            identities held out as test identities, whose images are split
+            into query and gallery by :func:`choose_queries`. Default: all train.
+        seed: seed for the ``split_identities`` draw and for the query/gallery
+            split of ``test/`` identities; same seed and same files give the
+            same split.
         strict: raise :class:`UnparsedNamesError` instead of leaving
             unparsable names out.
         verify: decode every indexed image (slow: reads every file) and treat
@@ -196,7 +251,8 @@ def index_dataset(
         DuplicateSampleIdError: the same relative path indexed twice.
         UnparsedNamesError: with ``strict=True``, some names not parsable.
         UnreadableImageError: bad images found and ``skip_bad`` is False.
-        DatasetLayoutError: bad arguments, or other layout mismatches.
+        DatasetLayoutError: bad arguments, a ``folders`` root whose split
+            folders it does not understand, or other layout mismatches.
         UnsafeSamplePathError: a symlink leads outside ``root`` and ``allow_outside_root`` is False.
     """
     if layout not in LAYOUTS:
@@ -220,12 +276,13 @@ def index_dataset(
     unparsed: list[str] = []
     bad_images: list[tuple[str, str]] = []
     warnings: list[str] = []
+    structure: str | None = None
     if layout in ("market1501", "dukemtmc"):
         rows = _index_market(root, layout, unparsed, warnings)
     elif layout == "msmt17":
         rows = _index_msmt17(root, bad_images, unparsed, warnings)
     else:
-        rows = _index_folders(root, camera_pattern, split_identities, seed, unparsed, warnings)
+        rows, structure = _index_folders(root, camera_pattern, split_identities, seed, unparsed, warnings)
 
     if not rows and not unparsed and not bad_images:
         raise DatasetRootError(
@@ -279,6 +336,7 @@ def index_dataset(
         unparsed=unparsed,
         bad_images=bad_images,
         warnings=warnings,
+        structure=structure,
     )
 
 
@@ -632,36 +690,102 @@ def _walk_images(root: Path, identity: str) -> list[str]:
     return sorted(found)
 
 
-def _index_folders(
+def _folders_structure(root: Path, warnings: list[str]) -> tuple[str, dict[str, str]]:
+    """Which :data:`FOLDERS_STRUCTURES` entry ``root`` has, and the folder (relative to ``root``) of each part.
+
+    Returns:
+        ``(structure, parts)`` where ``parts`` maps "train"/"test"/"query"/"gallery" to the folder name
+        as spelled on disk (``""`` for ``root`` itself in the ``identities`` structure).
+    """
+    folders = [folder.name for folder in _visible_subfolders(root)]
+    split_named = [name for name in folders if name.lower() in SPLIT_FOLDER_NAMES]
+    if not split_named:
+        return "identities", {"train": ""}
+    others = [name for name in folders if name.lower() not in SPLIT_FOLDER_NAMES and _contains_image(root / name)]
+    if others:
+        raise DatasetLayoutError(
+            f"{root} mixes split folder(s) {', '.join(n + '/' for n in split_named)} with {len(others)} other "
+            f"image folder(s) ({_examples(others)}); --layout folders cannot tell whether "
+            f"{split_named[0]}/ is a split or an identity. Put every identity folder under ROOT/train/<identity>/ "
+            f"(and held-out ones under ROOT/test/<identity>/), or move the split folder(s) out of {root}."
+        )
+    parts: dict[str, str] = {}
+    for name in split_named:
+        if not _contains_image(root / name):
+            warnings.append(f"skipped split folder {name}/: it holds no images")
+            continue
+        part = name.lower()
+        if part in parts:
+            raise DatasetLayoutError(
+                f"{root} holds both {parts[part]}/ and {name}/; keep one of them (merge their identity folders)."
+            )
+        parts[part] = name
+    if not parts:
+        raise DatasetRootError(
+            f"no images found under {root}: its split folder(s) {', '.join(n + '/' for n in split_named)} are "
+            f"empty. Check the path."
+        )
+    structure = _FOLDERS_STRUCTURE_OF_PARTS.get(frozenset(parts))
+    if structure is None:
+        raise DatasetLayoutError(
+            f"{root} holds only split folders ({', '.join(n + '/' for n in parts.values())}), a shape --layout "
+            f"folders does not understand. It reads ROOT/<identity>/<image>; ROOT/train/<identity>/<image> "
+            f"(+ ROOT/test/<identity>/<image>, whose images it splits into query and gallery); or ROOT/query/ + "
+            f"ROOT/gallery/ (+ ROOT/train/), each with <identity>/<image> inside. {_structure_hint(set(parts))}"
+        )
+    return structure, parts
+
+
+def _structure_hint(parts: set[str]) -> str:
+    """What to do about split folders :func:`_folders_structure` does not understand."""
+    if parts & {"bounding_box_train", "bounding_box_test"}:
+        return "These are Market-1501 / DukeMTMC-reID folder names: use --layout market1501 (or dukemtmc)."
+    if parts & {"val", "valid", "validation"}:
+        return ("Merge the validation identities into train/ (the teacher scores every train image itself), "
+                "or rename that folder test/ to evaluate on those identities.")
+    if parts & {"training", "testing"}:
+        return "Rename training/ to train/ and testing/ to test/."
+    if "train" not in parts and "test" in parts:
+        return ("A test/ folder alone has no train identities: add ROOT/train/<identity>/..., or pass the test/ "
+                "folder itself as the root (with --split-identities to hold some identities out).")
+    return "Rearrange the folders into one of these shapes, or pass the folder that holds the identity folders."
+
+
+def _identity_images(
     root: Path,
+    folder: str,
     camera_pattern: re.Pattern[str] | None,
-    split_identities: float | None,
-    seed: int,
     unparsed: list[str],
     warnings: list[str],
-) -> list[dict]:
+) -> dict[str, list[tuple[str, int]]]:
+    """Identity name → ``(path, camid)`` of its images, for the identity folders inside ``root/folder``.
+
+    Images lying directly in ``root/folder`` (outside any identity folder), and
+    names ``camera_pattern`` does not match, go to ``unparsed``.
+    """
+    base = root / folder if folder else root
     identity_folders: list[str] = []
     loose_images: list[str] = []
-    with os.scandir(root) as entries:
+    with os.scandir(base) as entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
                 identity_folders.append(entry.name)
             elif entry.is_file() and is_image_file(entry.name):
-                loose_images.append(entry.name)
+                loose_images.append(_join(folder, entry.name))
     if loose_images:
         warnings.append(
-            f"{len(loose_images)} image(s) lie directly in {root}, outside any identity "
-            f"folder, and count as unparsed"
+            f"{len(loose_images)} image(s) lie directly in {base}, outside any identity folder, and count as "
+            f"unparsed"
         )
         unparsed += sorted(loose_images)
 
     images_by_identity: dict[str, list[tuple[str, int]]] = {}
     for identity in identity_folders:
         images = []
-        for path in _walk_images(root, identity):
-            camid = -1
+        for path in _walk_images(root, _join(folder, identity)):
+            camid = UNKNOWN_CAMERA
             if camera_pattern is not None:
                 match = camera_pattern.search(PurePosixPath(path).name)
                 try:
@@ -676,26 +800,78 @@ def _index_folders(
             images_by_identity[identity] = images
     empty = sorted(set(identity_folders) - set(images_by_identity), key=_natural_key)
     if empty:
-        warnings.append(f"skipped {len(empty)} folder(s) with no usable images: {_examples(empty)}")
+        where = f" in {folder}/" if folder else ""
+        warnings.append(f"skipped {len(empty)} folder(s){where} with no usable images: {_examples(empty)}")
+    return images_by_identity
 
-    identities = sorted(images_by_identity, key=_natural_key)
-    split_of = _split_by_identity(identities, images_by_identity, split_identities, seed, warnings)
+
+def _index_folders(
+    root: Path,
+    camera_pattern: re.Pattern[str] | None,
+    split_identities: float | None,
+    seed: int,
+    unparsed: list[str],
+    warnings: list[str],
+) -> tuple[list[dict], str]:
+    structure, parts = _folders_structure(root, warnings)
+    log.info("folders layout: %s has structure %r (%s)", root, structure, FOLDERS_STRUCTURES[structure])
+    if split_identities is not None and structure not in ("identities", "train"):
+        raise DatasetLayoutError(
+            f"split_identities holds identities out of a root without test identities, but {root} already has "
+            f"them (structure {structure!r}: {FOLDERS_STRUCTURES[structure]}). Drop --split-identities "
+            f"(data.split_identities)."
+        )
+    images = {part: _identity_images(root, folder, camera_pattern, unparsed, warnings)
+              for part, folder in parts.items()}
+    # One pid per folder name across parts: "alice" in train/ and in test/ is one person.
+    names = sorted({name for by_identity in images.values() for name in by_identity}, key=_natural_key)
+    pid_of = {name: pid for pid, name in enumerate(names, start=1)}
+
+    split_of: dict[str, str] = {}
+    if "train" in images and split_identities is not None:
+        split_of = _hold_out_identities(images["train"], split_identities, seed, warnings)
+    if "test" in images:
+        test_names = sorted(images["test"], key=_natural_key)
+        split_of.update(_split_query_gallery(images["test"], test_names, np.random.default_rng(seed), warnings))
+    _warn_about_shared_identities(images, warnings)
+
+    default_split = {"train": "train", "test": "gallery", "query": "query", "gallery": "gallery"}
     return [
-        _row(path, pid, camid, split_of.get(path, "train"), identity=identity)
-        for pid, identity in enumerate(identities, start=1)
-        for path, camid in images_by_identity[identity]
-    ]
+        _row(path, pid_of[identity], camid, split_of.get(path, default_split[part]), identity=identity)
+        for part, by_identity in images.items()
+        for identity, identity_images in by_identity.items()
+        for path, camid in identity_images
+    ], structure
 
 
-def _split_by_identity(
-    identities: list[str],
+def _warn_about_shared_identities(images: dict[str, dict[str, list]], warnings: list[str]) -> None:
+    """Note train identities that are also test identities, and query identities missing from the gallery."""
+    train = set(images.get("train", {}))
+    test = set(images.get("test", {})) | set(images.get("query", {})) | set(images.get("gallery", {}))
+    shared = sorted(train & test, key=_natural_key)
+    if shared:
+        warnings.append(
+            f"{len(shared)} identit(ies) have folders in both train and test splits and share one pid "
+            f"(the model then trains on test identities, so test results are optimistic): {_examples(shared)}"
+        )
+    if "query" in images:
+        unmatched = sorted(set(images["query"]) - set(images.get("gallery", {})), key=_natural_key)
+        if unmatched:
+            warnings.append(
+                f"{len(unmatched)} query identit(ies) have no gallery folder, so their queries cannot be "
+                f"matched: {_examples(unmatched)}"
+            )
+
+
+def _hold_out_identities(
     images_by_identity: dict[str, list[tuple[str, int]]],
-    fraction: float | None,
+    fraction: float,
     seed: int,
     warnings: list[str],
 ) -> dict[str, str]:
-    """Map image path → "query"/"gallery" for held-out identities (train is the default)."""
-    if fraction is None or not identities:
+    """Map image path → "query"/"gallery" for a seeded ``fraction`` of identities (train is the default)."""
+    identities = sorted(images_by_identity, key=_natural_key)
+    if not identities:
         return {}
     if len(identities) < 2:
         raise DatasetLayoutError(
@@ -710,21 +886,75 @@ def _split_by_identity(
             f"identities; using {test_count} so that train and test are both non-empty"
         )
     rng = np.random.default_rng(seed)
-    test_indices = sorted(rng.permutation(len(identities))[:test_count].tolist())
+    test_identities = [identities[index] for index in sorted(rng.permutation(len(identities))[:test_count].tolist())]
+    return _split_query_gallery(images_by_identity, test_identities, rng, warnings)
+
+
+def _split_query_gallery(
+    images_by_identity: dict[str, list[tuple[str, int]]],
+    identities: list[str],
+    rng: np.random.Generator,
+    warnings: list[str],
+) -> dict[str, str]:
+    """Map each image of ``identities`` to "query" or "gallery" (see :func:`choose_queries`)."""
     split_of: dict[str, str] = {}
     single_image: list[str] = []
-    for index in test_indices:
-        identity = identities[index]
-        paths = [path for path, _ in images_by_identity[identity]]
-        for path in paths:
-            split_of[path] = "gallery"
-        if len(paths) == 1:
-            single_image.append(identity)
-            continue
-        split_of[paths[int(rng.integers(len(paths)))]] = "query"
+    one_camera: list[str] = []
+    for identity in identities:
+        images = images_by_identity[identity]
+        queries = set(choose_queries(images, rng))
+        for path, _ in images:
+            split_of[path] = "query" if path in queries else "gallery"
+        if not queries:
+            (single_image if len(images) == 1 else one_camera).append(identity)
     if single_image:
         warnings.append(
             f"{len(single_image)} test identit(ies) have a single image, kept in the gallery "
             f"with no query: {_examples(single_image)}"
         )
+    if one_camera:
+        warnings.append(
+            f"{len(one_camera)} test identit(ies) were seen by one camera only; evaluation ignores same-camera "
+            f"matches, so they are kept in the gallery with no query: {_examples(one_camera)}"
+        )
     return split_of
+
+
+def choose_queries(images: Sequence[tuple[str, int]], rng: np.random.Generator) -> list[str]:
+    """Pick the query images of one test identity: one per camera, as in Market-1501.
+
+    Cameras are visited in increasing camid order; each gets one query, drawn
+    uniformly from its images with ``rng``, as long as every query so far still
+    has a gallery image of the identity from another camera (retrieval
+    evaluation ignores same-camera matches; camid −1, "unknown", matches any
+    camera). The identity's other images form its gallery. So with unknown
+    cameras an identity of two or more images gets exactly one query; a single
+    image, or images from a single known camera, get none.
+
+    Args:
+        images: ``(path, camid)`` of the identity's images, in a fixed order (the draw depends on it).
+        rng: the seeded generator; one draw per query.
+
+    Returns:
+        The query paths, in camera order.
+    """
+    by_camera: dict[int, list[str]] = defaultdict(list)
+    for path, camid in images:
+        by_camera[camid].append(path)
+    left_in_gallery = {camid: len(paths) for camid, paths in by_camera.items()}
+
+    def has_match(query_camid: int) -> bool:
+        return any(count > 0 for camid, count in left_in_gallery.items()
+                   if query_camid == UNKNOWN_CAMERA or camid != query_camid)
+
+    query_cameras: list[int] = []
+    queries: list[str] = []
+    for camid in sorted(by_camera):
+        left_in_gallery[camid] -= 1
+        if not all(has_match(query_camid) for query_camid in (*query_cameras, camid)):
+            left_in_gallery[camid] += 1
+            continue
+        paths = by_camera[camid]
+        queries.append(paths[int(rng.integers(len(paths)))])
+        query_cameras.append(camid)
+    return queries

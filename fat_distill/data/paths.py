@@ -9,6 +9,10 @@ every reader checks the paths first and names the offending row. Datasets
 deliberately assembled from links to another disk pass ``allow_outside_root``
 (``--allow-outside-root`` on the CLI, ``data.allow_outside_root`` in a pipeline
 config).
+
+Without a root (a manifest rewritten by another tool and not yet given one),
+only what the path itself says can be checked: absolute paths and ``..``
+escapes are still refused, symlinks cannot be followed.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ class _RootChecker:
     """Answers "does this relative path stay inside the root?" with few system calls.
 
     Folders are resolved once each (datasets hold thousands of files per
-    folder); a file costs one ``lstat`` unless it is itself a symlink.
+    folder); a file costs one ``lstat`` unless it is itself a symlink. With
+    ``root=None`` only the path's own text is checked (absolute, ``..``).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.real_root = os.path.realpath(self.root)
+    def __init__(self, root: str | os.PathLike[str] | None) -> None:
+        self.root = None if root is None else Path(root)
+        self.real_root = None if root is None else os.path.realpath(self.root)
         self._folders: dict[str, str] = {}
 
     def _inside(self, real: str) -> bool:
@@ -70,6 +75,8 @@ class _RootChecker:
             depth += -1 if part == ".." else (0 if part == "." else 1)
             if depth < 0:
                 return "uses '..' to climb out of the dataset root"
+        if self.root is None:
+            return None
         folder, name = os.path.split(path)
         real_folder = self._folders.get(folder)
         if real_folder is None:
@@ -84,12 +91,13 @@ class _RootChecker:
         return None
 
 
-def find_paths_outside_root(paths: Sequence[str], root: str | os.PathLike[str]) -> list[tuple[int, str]]:
+def find_paths_outside_root(paths: Sequence[str], root: str | os.PathLike[str] | None) -> list[tuple[int, str]]:
     """Rows whose path would be read from outside ``root``.
 
     Args:
         paths: sample paths, relative to ``root`` (POSIX separators).
-        root: the dataset root.
+        root: the dataset root; ``None`` when it is not known: then only absolute
+            paths and ``..`` escapes are found (symlinks need the files).
 
     Returns:
         ``[(row, reason), ...]`` for every unsafe path, in row order; empty when all are safe.
@@ -106,7 +114,7 @@ def find_paths_outside_root(paths: Sequence[str], root: str | os.PathLike[str]) 
 
 def check_sample_paths(
     paths: Sequence[str],
-    root: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None,
     *,
     sample_ids: Sequence[str] | None = None,
     allow_outside_root: bool = False,
@@ -116,7 +124,8 @@ def check_sample_paths(
 
     Args:
         paths: sample paths, relative to ``root``.
-        root: the dataset root.
+        root: the dataset root, or ``None`` when it is not known (only absolute
+            paths and ``..`` escapes are then refused).
         sample_ids: the rows' ``sample_id`` values, named in the error.
         allow_outside_root: skip the check (the caller reads outside the root on purpose).
         where: what is being read (a manifest file, a stage), put at the start of the message.
@@ -132,7 +141,8 @@ def check_sample_paths(
     prefix = f"{where}: " if where else ""
     named = f"row {row}" + (f" (sample_id {sample_id!r})" if sample_id is not None else "")
     more = f"; {len(found) - 1} more row(s) too, e.g. rows {[r for r, _ in found[1:4]]}" if len(found) > 1 else ""
+    known = f"dataset root {str(root)!r}" if root is not None else "no dataset root known"
     raise UnsafeSamplePathError(
-        f"{prefix}{named} has path {path!r}, which {reason} (dataset root {str(root)!r}){more}. {ALLOW_HINT}",
+        f"{prefix}{named} has path {path!r}, which {reason} ({known}){more}. {ALLOW_HINT}",
         row=row, sample_id=sample_id, path=path, reason=reason, count=len(found),
     )

@@ -44,13 +44,20 @@ class DatasetInput:
         return self.meta.content_hash or ""
 
 
-def load_dataset(path: str | os.PathLike, *, allow_outside_root: bool | None = None) -> DatasetInput:
-    """Read a ``dataset`` manifest, resolve ``extra["dataset_root"]`` and check that every path stays inside it.
+def load_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                 allow_outside_root: bool | None = None) -> DatasetInput:
+    """Read a ``dataset`` manifest, resolve its image root and check that every path stays inside it.
 
-    A relative root is taken relative to the manifest's folder.
+    The root is ``root`` when given, else the manifest's ``extra["dataset_root"]``
+    (a relative recorded root is taken relative to the manifest's folder). A
+    manifest filtered in pandas, Polars or DuckDB and written back has lost that
+    record (and the rest of fat-distill's metadata), so it needs ``root``; moving
+    the image folder needs it too.
 
     Args:
         path: the ``dataset`` manifest.
+        root: the folder its ``path`` column is relative to; overrides the recorded
+            root. A relative ``root`` is taken relative to the working directory.
         allow_outside_root: permit absolute paths, ``..`` escapes and symlinks
             leaving the root. ``None`` follows the manifest: ``True`` only if it
             was indexed (or accepted by a pipeline) with ``--allow-outside-root``,
@@ -58,22 +65,30 @@ def load_dataset(path: str | os.PathLike, *, allow_outside_root: bool | None = N
 
     Raises:
         ManifestError: the manifest is missing or invalid.
-        ValueError: the manifest records no dataset root, or the root is not a folder.
+        ValueError: no root is given or recorded, or the root is not a folder.
         UnsafeSamplePathError: a path leaves the root (the row and sample_id are named).
     """
     path = Path(path)
     frame = read_manifest(path, "dataset")
     meta: ManifestMeta = frame.attrs["manifest"]
-    root = meta.extra.get("dataset_root")
-    if not root:
-        raise ValueError(f"{path}: the dataset manifest records no extra['dataset_root'], so its image paths "
-                         "cannot be resolved; re-create it with `fat-distill data index`")
-    root = Path(root)
-    if not root.is_absolute():
-        root = path.parent / root
+    if root is not None:
+        root = Path(root).expanduser()
+        where = "the dataset root given"
+    else:
+        recorded = meta.extra.get("dataset_root")
+        if not recorded:
+            raise ValueError(
+                f"{path}: the dataset manifest records no dataset root (extra['dataset_root']; a manifest written "
+                "back by pandas, Polars or DuckDB loses it), so its image paths cannot be resolved. Pass the folder "
+                "its paths are relative to: --set data.root=DIR in a pipeline (data.source: manifest), "
+                "root=DIR in Python, or re-create the manifest with `fat-distill data index`")
+        root = Path(recorded)
+        if not root.is_absolute():
+            root = path.parent / root
+        where = "the recorded dataset root"
     if not root.is_dir():
-        raise ValueError(f"{path}: dataset root {str(root)!r} is not a folder; move the images back or "
-                         "re-index the dataset where they are now")
+        raise ValueError(f"{path}: {where} {str(root)!r} is not a folder; pass the folder the images are in now "
+                         "(--set data.root=DIR, root=DIR) or re-index the dataset where they are")
     if allow_outside_root is None:
         allow_outside_root = bool(meta.extra.get("allow_outside_root", False))
     check_sample_paths(frame["path"].astype(str).tolist(), root, sample_ids=frame["sample_id"].astype(str).tolist(),

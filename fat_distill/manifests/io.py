@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,15 +207,22 @@ def _row_of_element(arr, elem: int) -> int:
     return int(np.searchsorted(np.cumsum(lengths), elem, side="right"))
 
 
+def _is_text(t: pa.DataType) -> bool:
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_string_view(t)
+
+
 def _safe_cast_ok(arr, target: pa.DataType) -> bool:
-    # Only widening or same-kind casts are accepted on read (e.g. int32 -> int64 written by another tool).
+    # Only same-kind casts that lose nothing are accepted on read: what pandas, Polars and DuckDB
+    # make of our types (int32 for int64, large_string, categorical as dictionary, integers
+    # stored as floats after a NaN passed through pandas); a value that would change is refused.
     src = arr.type
     same_kind = (
         (pa.types.is_integer(src) and pa.types.is_integer(target))
-        or (pa.types.is_floating(src) and pa.types.is_floating(target))
-        or (pa.types.is_string(src) or pa.types.is_large_string(src)) and pa.types.is_string(target)
+        or (pa.types.is_floating(src) and (pa.types.is_floating(target) or pa.types.is_integer(target)))
+        or _is_text(src) and pa.types.is_string(target)
         or (pa.types.is_list(src) or pa.types.is_large_list(src)) and pa.types.is_list(target)
-        or (pa.types.is_dictionary(src) and pa.types.is_string(target))
+        or (pa.types.is_dictionary(src) and _is_text(src.value_type) and pa.types.is_string(target))
     )
     if not same_kind:
         return False
@@ -266,6 +274,24 @@ def read_manifest_meta(path: str | os.PathLike) -> ManifestMeta:
     return meta
 
 
+#: Columns pandas adds for a DataFrame index (``to_parquet`` of a filtered frame keeps its row labels).
+_PANDAS_INDEX_COLUMN = re.compile(r"__index_level_\d+__")
+
+
+def _without_foreign_metadata(table: pa.Table, raw: bytes | None) -> pa.Table:
+    """Drop pandas' index columns and every schema metadata key but ours.
+
+    A manifest's meaning is its columns. pandas' metadata would turn columns back
+    into a (non-contiguous) index or into nullable/categorical dtypes in
+    :func:`read_manifest`, and an ``__index_level_0__`` column would travel on
+    as a column of its own.
+    """
+    index_columns = [name for name in table.column_names if _PANDAS_INDEX_COLUMN.fullmatch(name)]
+    if index_columns:
+        table = table.drop_columns(index_columns)
+    return table.replace_schema_metadata({METADATA_KEY: raw} if raw is not None else None)
+
+
 def read_manifest_table(path: str | os.PathLike, schema: str | None = None) -> tuple[pa.Table, ManifestMeta]:
     """Read and validate a manifest as an Arrow table.
 
@@ -273,7 +299,12 @@ def read_manifest_table(path: str | os.PathLike, schema: str | None = None) -> t
         path: the Parquet file.
         schema: the schema expected ("dataset", "teacher_round", "soft_labels", "metrics").
             If None, the schema named in the file's metadata is used. A file without
-            fat-distill metadata (e.g. rewritten by pandas) is accepted when ``schema`` is given.
+            fat-distill metadata (e.g. filtered in pandas, Polars or DuckDB and written
+            back) is accepted when ``schema`` is given: its metadata then says
+            ``stage="external"``, ``extra={}``, and carries the content hash of what was read.
+            Types those libraries substitute are cast back (int32 → int64, large_string
+            or dictionary → string, integral floats → int64); pandas' ``__index_level_N__``
+            columns are dropped.
 
     Returns:
         (table with columns cast to the schema's types, metadata).
@@ -308,6 +339,7 @@ def read_manifest_table(path: str | os.PathLike, schema: str | None = None) -> t
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(path, f"cannot read column data ({exc})",
                             hint="the file is damaged; re-create it from its producing stage") from exc
+    table = _without_foreign_metadata(table, raw)
     validate_table(table, spec, path)
     # Cast declared columns to their canonical types (e.g. large_string from another writer).
     for col in spec.columns:
@@ -316,6 +348,8 @@ def read_manifest_table(path: str | os.PathLike, schema: str | None = None) -> t
             table = table.set_column(idx, pa.field(col.name, col.type, nullable=col.nullable),
                                      table.column(col.name).cast(col.type))
     meta.rows = table.num_rows
+    if raw is None:
+        meta.content_hash = content_hash(table)
     return table, meta
 
 

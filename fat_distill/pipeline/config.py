@@ -31,7 +31,9 @@ class DataSection(Section):
 
     source: Literal["synth", "folder", "manifest"] = "synth"
     synth: SynthSection = Field(default_factory=SynthSection)
-    root: str | None = Field(None, description="source 'folder': the dataset root")
+    root: str | None = Field(None, description="source 'folder': the dataset root; source 'manifest': the folder the "
+                                               "manifest's image paths are relative to (replaces the root it records; "
+                                               "needed when it records none, e.g. after pandas/Polars/DuckDB)")
     layout: Literal["market1501", "dukemtmc", "msmt17", "folders"] = "market1501"
     camera_regex: str | None = None
     split_identities: float | None = Field(None, gt=0, lt=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
@@ -65,7 +66,11 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     """Run every stage of the pipeline through ``executor``; returns the run's metrics summary."""
     progress = config.run.progress
 
-    data = executor.submit(make_call("data", "data", stages.data_stage, inputs={}, config=config.data,
+    # A given manifest is an input: editing it (in pandas, say) must re-run the data stage.
+    given = config.data.manifest if config.data.source == "manifest" else None
+    data = executor.submit(make_call("data", "data", stages.data_stage,
+                                     inputs={"manifest": given} if given and Path(given).is_file() else {},
+                                     config=config.data,
                                      kwargs={"config": config.data, "work_dir": str(paths.stage_dir("data"))})).result()
     paths.publish(data["dataset"], "dataset.parquet")
     noisy = executor.submit(make_call(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fat_distill.config_hash import config_hash
 from fat_distill.distill import (
+    DatasetInput,
     StudentConfig,
     TeacherConfig,
     evaluate_noise_detection,
@@ -41,8 +42,11 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
     work_dir = Path(work_dir)
     out = work_dir / "dataset.parquet"
     if config.source == "manifest":
-        # This run's config decides, not a permission the given manifest may carry.
-        given = load_dataset(config.manifest, allow_outside_root=config.allow_outside_root)
+        # This run's config decides, not a permission the given manifest may carry; data.root, when
+        # set, replaces the recorded root (a moved image folder, or a manifest rewritten by pandas,
+        # Polars or DuckDB, which drop the record).
+        given = load_dataset(config.manifest, root=config.root, allow_outside_root=config.allow_outside_root)
+        _check_files_exist(given)
         extra = {key: value for key, value in given.meta.extra.items() if key != "allow_outside_root"}
         write_manifest(given.frame, out, "dataset", stage="data.manifest", config_hash=config_hash(config),
                        parents=[parent_ref(config.manifest, given.meta)],
@@ -65,13 +69,31 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
                                split_identities=config.split_identities, seed=config.split_seed,
                                verify=config.verify, skip_bad=config.skip_bad,
                                allow_outside_root=config.allow_outside_root)
+    if result.structure:
+        log.info("data: %s: %s", root, result.describe_structure())
     for warning in result.warnings:
         log.warning("data: %s", warning)
     write_manifest(result.frame, out, "dataset", stage="data.index", config_hash=config_hash(config),
                    extra={"dataset_root": str(Path(root).resolve()), "layout": layout,
                           "bad_images": len(result.bad_images), "unparsed": len(result.unparsed),
+                          **({"folders_structure": result.structure} if result.structure else {}),
                           **_permission(config)})
     return {"dataset": str(out)}
+
+
+def _check_files_exist(given: DatasetInput) -> None:
+    """Refuse a given manifest whose images are not under its root (a wrong data.root, or moved files)."""
+    from fat_distill.data.images import find_missing_files
+
+    paths = given.frame["path"].astype(str).tolist()
+    missing = find_missing_files(given.root, paths)
+    if missing:
+        row = missing[0]
+        raise ValueError(
+            f"{given.path}: {len(missing)} of {len(paths)} image file(s) are missing under the dataset root "
+            f"{str(given.root)!r}, first row {row} (sample_id {given.frame['sample_id'].iloc[row]!r}, path "
+            f"{paths[row]!r}). Set data.root to the folder the manifest's paths are relative to "
+            f"(--set data.root=DIR), or remove those rows.")
 
 
 def _permission(config: DataSection) -> dict:
