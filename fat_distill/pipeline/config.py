@@ -103,6 +103,17 @@ class PipelineConfig(Section):
         """The student section with another method: baselines share every other setting."""
         return self.student.model_copy(update={"method": method})
 
+    def student_configs(self) -> dict[str, StudentConfig]:
+        """Every model the run trains, keyed by its actual method: the student first, then the baselines.
+
+        A baseline equal to the student's own method (a sweep point with ``student.method=ce_triplet``
+        and ``ce_triplet`` among the baselines) is the same model, so it is trained and listed once.
+        """
+        configs = {self.student.method: self.student}
+        for method in self.baselines:
+            configs.setdefault(method, self.baseline_config(method))
+        return configs
+
 
 def demo_config() -> PipelineConfig:
     """The built-in demo: synthetic data with 40% mixed noise, small_cnn on the CPU, a few minutes on 2 cores.

@@ -118,10 +118,8 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     )).result()
     paths.publish(soft["soft_labels"], "soft_labels.parquet")
 
-    methods = ["distilled", *config.baselines]
     students = {}
-    for method in methods:
-        cfg = config.student if method == "distilled" else config.baseline_config(method)
+    for method, cfg in config.student_configs().items():  # named by the method each model really trains with
         soft_input = soft["soft_labels"] if method == "distilled" else None
         students[method] = (cfg, executor.submit(make_call(
             f"student.{method}", "student", stages.student_stage,
