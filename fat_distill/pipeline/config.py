@@ -77,6 +77,10 @@ class RunSection(Section):
         None, ge=1, description="CPU threads torch may use in this process (None: torch's default, one per core); "
                                 "1 is often faster on a small or shared CPU machine, where threads wait for "
                                 "each other")
+    tensorboard: bool = Field(False, description="also log every training stage's epochs to TensorBoard under "
+                                                 "runs/<run_id>/tensorboard/<stage> (needs the tensorboard package: "
+                                                 "pip install 'fat-distill[tensorboard]'); each stage's "
+                                                 "history.parquet is written either way")
 
 
 class PipelineConfig(Section):

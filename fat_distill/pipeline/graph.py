@@ -22,6 +22,7 @@ from fat_distill.pipeline import stages
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.keys import key_components, stage_key
 from fat_distill.pipeline.runs import RunPaths, RunState
+from fat_distill.train.history import require_tensorboard
 
 log = logging.getLogger("fat_distill.pipeline")
 
@@ -63,6 +64,10 @@ def make_call(name: str, kind: str, fn: Callable[..., dict], *, inputs: dict[str
 def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor: Executor) -> dict[str, Any]:
     """Run every stage of the pipeline through ``executor``; returns the run's metrics summary."""
     progress = config.run.progress
+    # Training stages log their epochs there too; not part of any cache key (it changes no result).
+    tensorboard = str(paths.run_dir / "tensorboard") if config.run.tensorboard else None
+    if tensorboard:
+        require_tensorboard()
 
     data = executor.submit(make_call("data", "data", stages.data_stage, inputs={}, config=config.data,
                                      kwargs={"config": config.data, "work_dir": str(paths.stage_dir("data"))})).result()
@@ -85,7 +90,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
                 f"teacher.round{r}.fold{k}", "teacher_fold", stages.teacher_fold_stage, inputs=inputs,
                 config=teacher_cfg.round_hash(), extra={"round": r, "fold": k}, needs_device=True,
                 kwargs={"dataset": dataset, "previous_round": previous, "config": teacher_cfg, "round": r,
-                        "fold": k, "work_dir": teacher_dir, "progress": progress},
+                        "fold": k, "work_dir": teacher_dir, "progress": progress, "tensorboard_dir": tensorboard},
             )) for k in range(teacher_cfg.folds)]
             for handle in folds:
                 handle.result()
@@ -93,7 +98,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
             f"teacher.round{r}", "teacher_round", stages.teacher_round_stage, inputs=inputs,
             config=teacher_cfg.round_hash(), extra={"round": r}, needs_device=True,
             kwargs={"dataset": dataset, "previous_round": previous, "config": teacher_cfg, "round": r,
-                    "work_dir": teacher_dir, "progress": progress},
+                    "work_dir": teacher_dir, "progress": progress, "tensorboard_dir": tensorboard},
         )).result()
         paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
         previous = round_out["teacher_round"]
@@ -126,7 +131,8 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
             inputs={"dataset": dataset, "soft_labels": soft_input}, config=cfg, needs_device=True,
             parallel_devices=cfg.train.devices,
             kwargs={"dataset": dataset, "soft_labels": soft_input, "config": cfg,
-                    "work_dir": str(paths.stage_dir("student", method)), "progress": progress},
+                    "work_dir": str(paths.stage_dir("student", method)), "progress": progress,
+                    "tensorboard_dir": tensorboard},
         )))
     evaluations = {}
     for method, (cfg, handle) in students.items():
