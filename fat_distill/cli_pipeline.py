@@ -114,6 +114,36 @@ def _show_metrics(summary: dict[str, Any]) -> None:
                       highlight=False)
 
 
+def _show_sweep(report: dict[str, Any]) -> None:
+    """A sweep's points (run, status) and its table: one row per point and model."""
+    console.rule(f"sweep {report.get('sweep_id')} — {report.get('status')}")
+    console.print(f"base config: {report['config_path']}\nsweep folder: {report['sweep_dir']}", highlight=False)
+    t = Table(title="points")
+    for col in ("point", "run", "status"):
+        t.add_column(col, overflow="fold")
+    for point in report.get("points", []):
+        t.add_row(point["label"], point["run_id"], f"[{STATE_STYLE.get(point['status'], '')}]{point['status']}[/]")
+    console.print(t)
+    rows = report.get("rows", [])
+    if not rows:
+        console.print("no point has finished yet, so the sweep has no metrics")
+        return
+    keys = list(report.get("grid", {}))  # one column per grid key: the point's value
+    t = Table(title="metrics (runs/SWEEP_ID/sweep.parquet)")
+    for col in (*keys, "method", "rank-1", "rank-5", "mAP", "mINP", "noise F1"):
+        t.add_column(col, justify="right" if col in ("rank-1", "rank-5", "mAP", "mINP", "noise F1") else "left",
+                     overflow="fold")
+
+    def pct(value: Any) -> str:
+        return "" if value is None else f"{100 * value:.1f}"
+
+    for row in rows:
+        f1 = row.get("noise_detection_f1")
+        t.add_row(*(str(row.get(k)) for k in keys), row["method"],
+                  *(pct(row.get(k)) for k in ("rank1", "rank5", "mAP", "mINP")), "" if f1 is None else f"{f1:.3f}")
+    console.print(t)
+
+
 def _trigger_deployment(config, deployment: str) -> None:
     """Start a flow run of a deployment on the Prefect server named by PREFECT_API_URL and return at once."""
     import os
@@ -219,7 +249,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("resume")
     def resume(
-        run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix) of a failed or killed run.")],
+        run_id: Annotated[str, typer.Argument(
+            help="Run id (or a unique prefix) of a failed or killed run, or 'latest' (the newest run).")],
         runs_root: RunsRootOption = Path("runs"),
     ) -> None:
         """Continue a run with its saved config: finished stages from cache, the interrupted one from its
@@ -260,31 +291,36 @@ def register(app: typer.Typer) -> None:
         from flows.environment import configure_prefect
 
         configure_prefect(Path(cfg.run.runs_root).parent / ".prefect")
+        from fat_distill.pipeline.sweeps import inspect_sweep, new_sweep_id, sweep_dir
         from flows.pipeline import run_sweep
 
+        sweep_id = new_sweep_id(cfg.run.name)
+        folder = sweep_dir(cfg.run.runs_root, sweep_id)
+        console.print(f"sweep [bold]{sweep_id}[/] — table → {folder}/sweep.parquet, "
+                      f"point i runs as {sweep_id}-i", highlight=False)
         try:
-            results = run_sweep(cfg, parsed)
+            run_sweep(cfg, parsed, sweep_id)
         except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+            if folder.exists():
+                _show_sweep(inspect_sweep(folder))
             _fail(exc)
-        t = Table(title="sweep")
-        for col in ("point", "run", "method", "rank-1", "mAP"):
-            t.add_column(col)
-        for label, r in results.items():
-            for method, m in r["retrieval"].items():
-                t.add_row(label, r["run_id"], method, f"{100 * m['rank1']:.1f}", f"{100 * m['mAP']:.1f}")
-        console.print(t)
+        _show_sweep(inspect_sweep(folder))
+        console.print(f"inspect with: fat-distill inspect {sweep_id}", highlight=False)
 
     @app.command("runs")
     def runs(
         runs_root: RunsRootOption = Path("runs"),
-        as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print as JSON (runs; a sweep point names its sweep).")]
+        = False,
     ) -> None:
-        """List runs with their status and per-stage states (reads run folders; no server needed)."""
+        """List runs with their status and per-stage states, then sweeps (reads run folders; no server needed)."""
         from fat_distill.pipeline.runs import list_runs
+        from fat_distill.pipeline.sweeps import list_sweeps
 
         items = list_runs(runs_root)
         if as_json:
-            sys.stdout.write(json.dumps([{k: d.get(k) for k in ("run_id", "status", "created", "updated", "stages")}
+            sys.stdout.write(json.dumps([{**{k: d.get(k) for k in ("run_id", "status", "created", "updated", "stages")},
+                                          "sweep": (d.get("sweep") or {}).get("sweep_id")}
                                          for d in items], indent=2, default=str) + "\n")
             return
         if not items:
@@ -292,19 +328,34 @@ def register(app: typer.Typer) -> None:
             return
         t = Table()
         t.add_column("run", no_wrap=True)
-        for col in ("status", "created", "ran/cached/failed", "distilled mAP"):
+        for col in ("status", "created", "ran/cached/failed", "student mAP"):
             t.add_column(col)
         for d in items:
             states = [e.get("state") for e in d.get("stages", {}).values()]
-            mAP = d.get("metrics", {}).get("retrieval", {}).get("distilled", {}).get("mAP")
+            # The student is the first model of the summary (its method: distilled, or what a sweep point set).
+            method, scores = next(iter((d.get("metrics") or {}).get("retrieval", {}).items()), (None, {}))
+            mAP = "" if scores.get("mAP") is None else f"{100 * scores['mAP']:.1f}" + (
+                "" if method == "distilled" else f" ({method})")
             t.add_row(d["run_id"], f"[{STATE_STYLE.get(d['status'], '')}]{d['status']}[/]", d.get("created", ""),
-                      f"{states.count('ran')}/{states.count('cached')}/{states.count('failed')}",
-                      "" if mAP is None else f"{100 * mAP:.1f}")
+                      f"{states.count('ran')}/{states.count('cached')}/{states.count('failed')}", mAP)
         console.print(t)
+        sweeps = list_sweeps(runs_root)
+        if sweeps:
+            t = Table(title="sweeps (fat-distill inspect SWEEP_ID shows the table)")
+            for col in ("sweep", "status", "created", "points", "grid"):
+                t.add_column(col, overflow="fold")
+            for record in sweeps:
+                points = record.get("points", [])
+                done = sum(p.get("status") == "completed" for p in points)
+                grid = "; ".join(f"{k}={','.join(map(str, v))}" for k, v in record.get("grid", {}).items())
+                t.add_row(record["sweep_id"], f"[{STATE_STYLE.get(record.get('status'), '')}]{record.get('status')}[/]",
+                          record.get("created", ""), f"{done}/{len(points)} completed", grid)
+            console.print(t)
 
     @app.command("inspect")
     def inspect(
-        run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+        run_id: Annotated[str, typer.Argument(
+            help="Run id or a unique prefix, 'latest' (the newest run), or a sweep id (shows its table).")],
         runs_root: RunsRootOption = Path("runs"),
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
         pictures: Annotated[bool, typer.Option(
@@ -324,10 +375,28 @@ def register(app: typer.Typer) -> None:
 
         With --pictures, first draw each student method's ranked lists (query and top-k gallery, green =
         same identity, red = not) and t-SNE maps into the run's plots folder.
+
+        Given a sweep id, show the sweep: its grid points, their runs and statuses, and one row per
+        point and model (runs/SWEEP_ID/sweep.parquet).
         """
         from fat_distill.pipeline.inspect import inspect_run
         from fat_distill.pipeline.runs import find_run
+        from fat_distill.pipeline.sweeps import find_sweep, inspect_sweep
 
+        sweep_folder = None if run_id == "latest" else find_sweep(runs_root, run_id)
+        if sweep_folder is not None:
+            if pictures:
+                _fail(ValueError(f"{run_id} is a sweep; draw pictures of one of its points: "
+                                 f"fat-distill inspect {sweep_folder.name}-0 --pictures"))
+            try:
+                sweep_report = inspect_sweep(sweep_folder)
+            except ValueError as exc:
+                _fail(exc)
+            if as_json:
+                sys.stdout.write(json.dumps(sweep_report, indent=2, default=str) + "\n")
+            else:
+                _show_sweep(sweep_report)
+            return
         drawn: dict[str, Any] | None = None
         try:
             run_dir = find_run(runs_root, run_id)

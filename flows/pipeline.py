@@ -10,7 +10,7 @@ result whose files are gone is recomputed.
 from __future__ import annotations
 
 import contextvars
-import itertools
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +27,17 @@ from fat_distill.pipeline.inspect import describe_label_audit
 from fat_distill.pipeline.keys import why_changed
 from fat_distill.pipeline.overrides import apply_overrides, validate_config
 from fat_distill.pipeline.runs import last_components, new_run_id
+from fat_distill.pipeline.sweeps import (
+    SWEEP_TABLE,
+    grid_points,
+    new_sweep_id,
+    point_label,
+    point_overrides,
+    point_run_id,
+    refresh_sweep,
+    run_sweep_entry,
+    start_sweep,
+)
 from fat_distill.train import set_cpu_threads
 from flows.devices import DevicePool
 
@@ -128,15 +139,17 @@ def _where(outputs: dict) -> str:
 class PrefectExecutor:
     """Submits stage calls as Prefect task runs of :func:`stage_task`."""
 
-    def __init__(self, state: RunState, pool: DevicePool, runs_root: str):
+    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, label: str = ""):
         self.state = state
         self.pool = pool
         self.runs_root = runs_root
+        self.label = label  # a sweep point's label: its task runs are told apart in the Prefect UI
         _RUNS[state.paths.run_id] = (state, pool)
 
     def _submit(self, call: StageCall, refresh: bool):
         kwargs = dict(call.kwargs)
-        return stage_task.with_options(name=f"stage-{call.kind}", task_run_name=call.name,
+        name = f"{call.name} [{self.label}]" if self.label else call.name
+        return stage_task.with_options(name=f"stage-{call.kind}", task_run_name=name,
                                        refresh_cache=refresh).submit(
             call_name=call.name, cache_key=call.key, run_id=self.state.paths.run_id,
             stage_fn=call.fn.__name__, kwargs=kwargs, needs_device=call.needs_device,
@@ -150,10 +163,12 @@ class PrefectExecutor:
         return _StageHandle(self, call, why)
 
 
-def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState) -> None:
+def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState, key_suffix: str = "") -> None:
+    """The run's metrics table, stage summary and plots as Prefect artifacts (``key_suffix``: per sweep point)."""
     rows = [{"method": m, **{k: round(v, 4) for k, v in metrics.items()}} for m, metrics in summary["retrieval"].items()]
     if rows:
-        create_table_artifact(rows, key="retrieval-metrics", description=f"Retrieval metrics of run {paths.run_id}")
+        create_table_artifact(rows, key=f"retrieval-metrics{key_suffix}",
+                              description=f"Retrieval metrics of run {paths.run_id}")
     stage_lines = [f"| {name} | {e.get('state')} | {e.get('seconds', '')} | {e.get('why', '')} |"
                    for name, e in state.data["stages"].items()]
     detection = ", ".join(f"{k.split('.', 1)[1]} {v:.3f}" for k, v in summary["noise_detection"].items()
@@ -165,14 +180,19 @@ def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState) -> None:
                    f"Label audit (final teacher round): {describe_label_audit(summary.get('label_audit') or {})}",
                    "",
                    "| stage | state | seconds | why |", "|---|---|---|---|", *stage_lines]),
-        key="run-summary", description=f"Stages of run {paths.run_id}")
+        key=f"run-summary{key_suffix}", description=f"Stages of run {paths.run_id}")
     for png in sorted(paths.plots_dir.glob("*.png")):
         create_image_artifact(png.resolve().as_uri(), description=f"{png.stem} ({paths.run_id})")
 
 
-def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool) -> dict[str, Any]:
+def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool,
+             sweep_point: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run of the stage graph; ``sweep_point`` (:func:`run_sweep_entry`) marks it as a point of a sweep."""
     paths = RunPaths.for_run(config, run_id)
     state = RunState.create(paths, config, resumed=resume)
+    if sweep_point is not None:
+        state.update(sweep=sweep_point)
+    sweep_point = state.data.get("sweep")  # a resumed point is still part of its sweep
     handler = logging.FileHandler(paths.run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     library_logger = logging.getLogger("fat_distill")
@@ -181,21 +201,31 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
         library_logger.setLevel(logging.INFO)
     try:
         state.update(flow_run_id=_flow_run_id())
-        for method in ("distilled", *config.baselines):  # before hours of teacher training, not after
-            student = config.student if method == "distilled" else config.baseline_config(method)
+        for method, student in config.student_configs().items():  # before hours of teacher training, not after
             if len(student.train.devices) >= 2:
                 pool.indices_for(f"student.{method}", student.train.devices)
-        summary = run_graph(config, paths, state, PrefectExecutor(state, pool, config.run.runs_root))
+        label = sweep_point["label"] if sweep_point else ""
+        summary = run_graph(config, paths, state, PrefectExecutor(state, pool, config.run.runs_root, label))
         state.update(status="completed", metrics=summary, error=None)
-        _attach_artifacts(paths, summary, state)
+        _attach_artifacts(paths, summary, state, f"-point-{sweep_point['index']}" if sweep_point else "")
         return summary
     except BaseException as exc:
         state.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        if sweep_point is not None:
+            _refresh_sweep_of_point(config.run.runs_root, sweep_point["sweep_id"], run_id)
         library_logger.removeHandler(handler)
         handler.close()
         _RUNS.pop(run_id, None)
+
+
+def _refresh_sweep_of_point(runs_root: str, sweep_id: str, run_id: str) -> None:
+    """Bring the sweep's table up to date with this point; a problem there must not hide the run's own outcome."""
+    try:
+        refresh_sweep(runs_root, sweep_id)
+    except (OSError, ValueError) as exc:
+        log.warning("run %s is a point of sweep %s, whose table could not be updated: %s", run_id, sweep_id, exc)
 
 
 def _flow_run_id() -> str | None:
@@ -222,13 +252,7 @@ def pipeline(config: dict[str, Any], run_id: str, resume: bool = False) -> dict[
 
 def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Every combination of the grid's values applied to ``base``: [(label, config dict)]."""
-    keys = list(grid)
-    points = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        overrides = [f"{k}={v}" for k, v in zip(keys, values)]
-        label = ",".join(overrides)
-        points.append((label, apply_overrides(base, overrides)))
-    return points
+    return [(point_label(p), apply_overrides(base, point_overrides(p))) for p in grid_points(grid)]
 
 
 @flow(name="fat-distill-sweep")
@@ -236,27 +260,47 @@ def sweep(config: dict[str, Any], grid: dict[str, list[Any]], sweep_id: str) -> 
     """Run the pipeline for every point of a grid; points run concurrently and share the device pool.
 
     Stages shared by several points (e.g. the teacher when only student settings vary)
-    are computed once and taken from cache by the others.
+    are computed once and taken from cache by the others. The sweep is recorded in
+    ``runs/<sweep_id>/`` (``sweep.json``, ``sweep.parquet``: one row per point × model);
+    point ``i`` runs as ``<sweep_id>-<i>``. A failed point does not stop the others: the
+    table holds every point that finished, and the flow then fails naming the failed ones.
     """
     base = validate_config(PipelineConfig, config)
     set_cpu_threads(base.run.torch_threads)  # one process: the points share the setting of the base config
+    base_data = base.model_dump(mode="json")
+    points = grid_points(grid)
+    configs = [validate_config(PipelineConfig, apply_overrides(base_data, point_overrides(p)),
+                               f"sweep point {point_label(p)}") for p in points]
+    start_sweep(base.run.runs_root, sweep_id, grid, points, base_data)
+    run_ids = [point_run_id(sweep_id, i) for i in range(len(points))]
     pool = DevicePool(base.run.devices, base.run.max_tasks_per_device)
     pool.create_limits()
-    points = expand_grid(base.model_dump(mode="json"), grid)
-    configs = [(label, validate_config(PipelineConfig, data, f"sweep point {label}")) for label, data in points]
-    run_ids = [f"{sweep_id}-{i}" for i in range(len(configs))]
-    get_run_logger().info("sweep %s: %d point(s) on %s", sweep_id, len(configs), pool.devices)
+    get_run_logger().info("sweep %s: %d point(s) on %s", sweep_id, len(points), pool.devices)
+    results: dict[str, Any] = {}
+    failed: list[tuple[str, str, BaseException]] = []
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(len(configs), pool.slots))) as threads:
-            futures = [threads.submit(contextvars.copy_context().run, _run_one, cfg, rid, pool, False)
-                       for (label, cfg), rid in zip(configs, run_ids)]
-            results = {label: {"run_id": rid, **f.result()}
-                       for (label, _), rid, f in zip(configs, run_ids, futures)}
+            futures = [threads.submit(contextvars.copy_context().run, _run_one, cfg, rid, pool, False,
+                                      run_sweep_entry(sweep_id, point, i))
+                       for i, (point, cfg, rid) in enumerate(zip(points, configs, run_ids))]
+            for point, rid, future in zip(points, run_ids, futures):
+                try:
+                    results[point_label(point)] = {"run_id": rid, **future.result()}
+                except Exception as exc:  # noqa: BLE001 - the other points go on; reported below
+                    failed.append((point_label(point), rid, exc))
     finally:
         pool.close()
-    rows = [{"point": label, "run_id": r["run_id"], "method": m, **{k: round(v, 4) for k, v in met.items()}}
-            for label, r in results.items() for m, met in r["retrieval"].items()]
-    create_table_artifact(rows, key="sweep-metrics", description=f"Sweep {sweep_id}")
+        table = refresh_sweep(base.run.runs_root, sweep_id, finished=True)
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
+            for row in json.loads(table.to_json(orient="records"))]
+    if rows:
+        create_table_artifact(rows, key="sweep-metrics",
+                              description=f"Sweep {sweep_id}: one row per point and model")
+    if failed:
+        lines = "; ".join(f"{label} (run {rid}): {type(exc).__name__}: {exc}" for label, rid, exc in failed)
+        raise RuntimeError(f"sweep {sweep_id}: {len(failed)} of {len(points)} point(s) failed: {lines}. "
+                           f"The others are in {Path(base.run.runs_root) / sweep_id / SWEEP_TABLE}; continue a "
+                           "failed point with `fat-distill resume <its run id>`") from failed[0][2]
     return results
 
 
@@ -271,7 +315,11 @@ def run_pipeline(config: PipelineConfig, run_id: str | None = None, *, resume: b
 
 
 def run_sweep(config: PipelineConfig, grid: dict[str, list[Any]], sweep_id: str | None = None) -> dict:
-    sweep_id = sweep_id or new_run_id(f"{config.run.name}-sweep")
+    """Run the sweep flow (embedded Prefect unless PREFECT_API_URL is set); returns {point label: run summary}.
+
+    The sweep's table is written to ``runs/<sweep_id>/sweep.parquet``.
+    """
+    sweep_id = sweep_id or new_sweep_id(config.run.name)
     workers = max(4, 2 * len(config.run.devices) * config.run.max_tasks_per_device + 4)
     flow_fn = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers), flow_run_name=sweep_id)
     return flow_fn(config=config.model_dump(mode="json"), grid=grid, sweep_id=sweep_id)

@@ -141,6 +141,7 @@ def train_student(
     *,
     soft_labels_manifest: PathLike | None = None,
     progress: bool = False,
+    tensorboard_dir: PathLike | None = None,
 ) -> StudentResult:
     """Train the student (``distilled``) or a baseline on the train split of a ``dataset`` manifest.
 
@@ -158,6 +159,8 @@ def train_student(
         soft_labels_manifest: the teacher's ``soft_labels`` manifest; required for
             ``distilled``, refused for the other methods (they do not use it).
         progress: show training progress bars.
+        tensorboard_dir: also log each epoch as TensorBoard scalars under ``tensorboard_dir/student.<method>``
+            (every epoch also goes to ``out_dir/history.parquet``).
 
     Returns:
         :class:`StudentResult`.
@@ -188,13 +191,14 @@ def train_student(
         if device not in (None, "auto"):
             log.info("%s: train.devices %s set, so the device argument %s is not used", stage,
                      config.train.devices, device)
-        result = fit_distributed(setup, config=config.train, checkpoint_dir=out_dir, stage=stage, progress=progress)
+        result = fit_distributed(setup, config=config.train, checkpoint_dir=out_dir, stage=stage, progress=progress,
+                                 tensorboard_dir=tensorboard_dir)
     else:
         settings = stage_settings(device, config.train)
         parts = setup(settings)
         result = fit(parts.model, parts.objective, parts.dataset, parts.batch_sampler, config=config.train,
                      settings=settings, checkpoint_dir=out_dir, stage=stage, feature_dataset=parts.feature_dataset,
-                     progress=progress)
+                     progress=progress, tensorboard_dir=tensorboard_dir)
     return StudentResult(checkpoint=result.final_checkpoint, label_map=label_map, history=result.history,
                          method=method)
 

@@ -185,7 +185,7 @@ def _round_inputs(dataset_manifest: PathLike, prev_round_manifest: PathLike | No
 
 
 def _train_model(inputs: _RoundInputs, config: TeacherConfig, round: int, mask: np.ndarray, directory: Path,
-                 init_from: Path | None, device, stage: str, progress: bool):
+                 init_from: Path | None, device, stage: str, progress: bool, tensorboard_dir: PathLike | None):
     settings = stage_settings(device, config.train)
     data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
                             train_mask=mask, allow_outside_root=inputs.dataset.allow_outside_root)
@@ -198,7 +198,8 @@ def _train_model(inputs: _RoundInputs, config: TeacherConfig, round: int, mask: 
     objective = build_objective("ce", model=model, num_classes=data.num_classes, num_samples=len(data.dataset),
                                 image_size=tuple(config.train.image_size), target="hard")
     result = fit(model, objective, data.dataset, data.batch_sampler, config=config.train, settings=settings,
-                 checkpoint_dir=directory, stage=stage, feature_dataset=data.feature_dataset, progress=progress)
+                 checkpoint_dir=directory, stage=stage, feature_dataset=data.feature_dataset, progress=progress,
+                 tensorboard_dir=tensorboard_dir)
     return model, data, settings, result
 
 
@@ -255,12 +256,13 @@ def fold_train_mask(confident: np.ndarray, folds: np.ndarray, fold: int) -> np.n
 
 def run_teacher_fold(dataset_manifest: PathLike, prev_round_manifest: PathLike | None, config: TeacherConfig,
                      round: int, fold: int, out_dir: PathLike, device: str | torch.device | None = "auto", *,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, tensorboard_dir: PathLike | None = None) -> Path:
     """Train the model of one fold of an out-of-fold round (independent of the other folds).
 
     Fold k's model trains E epochs of cross-entropy on the rows confident after
-    round r−1 that are not in fold k; its checkpoints go to
-    ``out_dir/round-{r}/fold-{k}/`` (resumed if the run was killed).
+    round r−1 that are not in fold k; its checkpoints and ``history.parquet`` go to
+    ``out_dir/round-{r}/fold-{k}/`` (resumed if the run was killed); with
+    ``tensorboard_dir`` its epochs are also logged there (see :func:`fat_distill.train.fit`).
 
     Returns:
         the fold model's ``final.pt``.
@@ -270,17 +272,18 @@ def run_teacher_fold(dataset_manifest: PathLike, prev_round_manifest: PathLike |
     if not 0 <= fold < config.folds:
         raise ValueError(f"fold must be in [0, {config.folds}), got {fold}")
     inputs = _round_inputs(dataset_manifest, prev_round_manifest, config, round)
-    return _run_fold(inputs, config, round, fold, Path(out_dir), device, progress)
+    return _run_fold(inputs, config, round, fold, Path(out_dir), device, progress, tensorboard_dir)
 
 
 def _run_fold(inputs: _RoundInputs, config: TeacherConfig, round: int, fold: int, out_dir: Path, device,
-              progress: bool) -> Path:
+              progress: bool, tensorboard_dir: PathLike | None = None) -> Path:
     stage = f"teacher.round{round}.fold{fold}"
     directory = fold_dir(out_dir, round, fold)
     mask = fold_train_mask(inputs.confident, inputs.folds, fold)
     claim_directory(directory, {**inputs.key, "fold": fold, "train_rows": int(mask.sum())}, stage)
     init = fold_dir(out_dir, round - 1, fold) / "final.pt" if config.retrain == "continue" and round else None
-    _, _, _, result = _train_model(inputs, config, round, mask, directory, init, device, stage, progress)
+    _, _, _, result = _train_model(inputs, config, round, mask, directory, init, device, stage, progress,
+                                   tensorboard_dir)
     return result.final_checkpoint
 
 
@@ -298,7 +301,7 @@ def _round_is_done(path: Path, key: dict, parents: list[Path]) -> bool:
 
 def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike | None, config: TeacherConfig,
                       round: int, out_dir: PathLike, device: str | torch.device | None = "auto", *,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, tensorboard_dir: PathLike | None = None) -> Path:
     """Run (or skip, when already done) one teacher round and write its ``teacher_round`` manifest.
 
     Args:
@@ -309,6 +312,7 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
         out_dir: the teacher's folder (manifests and checkpoints, see the module docstring).
         device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
         progress: show training progress bars.
+        tensorboard_dir: also log each model's epochs as TensorBoard scalars under ``tensorboard_dir/<stage>``.
 
     Returns:
         ``out_dir/teacher_round_{r}.parquet``.
@@ -328,7 +332,7 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
         claim_directory(directory, {**inputs.key, "train_rows": int(inputs.confident.sum())}, stage)
         init = round_dir(out_dir, round - 1) / "final.pt" if config.retrain == "continue" and round else None
         model, data, settings, _ = _train_model(inputs, config, round, inputs.confident, directory, init, device,
-                                                stage, progress)
+                                                stage, progress, tensorboard_dir)
         logits = predict_logits(model, data.feature_dataset, settings, batch_size=max(64, config.train.batch_size),
                                 num_workers=config.train.num_workers)
         fold_of_row = None
@@ -338,7 +342,7 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
         data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
                                 allow_outside_root=inputs.dataset.allow_outside_root)
         for fold in range(config.folds):
-            checkpoint = _run_fold(inputs, config, round, fold, out_dir, device, progress)
+            checkpoint = _run_fold(inputs, config, round, fold, out_dir, device, progress, tensorboard_dir)
             held_out = np.flatnonzero(inputs.folds == fold)
             model = load_model(config.train, len(inputs.label_map), checkpoint, settings)
             logits[held_out] = predict_logits(model, data.feature_dataset, settings, indices=held_out,
@@ -397,7 +401,8 @@ def _round_frame(inputs: _RoundInputs, scores: ConfidenceScores, round: int,
 
 
 def run_teacher(dataset_manifest: PathLike, config: TeacherConfig, out_dir: PathLike,
-                device: str | torch.device | None = "auto", *, progress: bool = False) -> TeacherResult:
+                device: str | torch.device | None = "auto", *, progress: bool = False,
+                tensorboard_dir: PathLike | None = None) -> TeacherResult:
     """Run the teacher's rounds until ``config.rounds`` or until the confident set settles.
 
     Rounds already done (same settings, same inputs) are skipped, so calling this
@@ -409,6 +414,7 @@ def run_teacher(dataset_manifest: PathLike, config: TeacherConfig, out_dir: Path
         out_dir: where manifests and checkpoints go.
         device: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
         progress: show training progress bars.
+        tensorboard_dir: also log each model's epochs as TensorBoard scalars under ``tensorboard_dir/<stage>``.
 
     Returns:
         :class:`TeacherResult`.
@@ -420,7 +426,7 @@ def run_teacher(dataset_manifest: PathLike, config: TeacherConfig, out_dir: Path
     previous: pd.DataFrame | None = None
     for r in range(config.rounds):
         path = run_teacher_round(dataset_manifest, manifests[-1] if manifests else None, config, r, out_dir, device,
-                                 progress=progress)
+                                 progress=progress, tensorboard_dir=tensorboard_dir)
         manifests.append(path)
         current = read_manifest(path, "teacher_round")
         if previous is not None:

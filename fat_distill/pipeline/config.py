@@ -79,6 +79,10 @@ class RunSection(Section):
         None, ge=1, description="CPU threads torch may use in this process (None: torch's default, one per core); "
                                 "1 is often faster on a small or shared CPU machine, where threads wait for "
                                 "each other")
+    tensorboard: bool = Field(False, description="also log every training stage's epochs to TensorBoard under "
+                                                 "runs/<run_id>/tensorboard/<stage> (needs the tensorboard package: "
+                                                 "pip install 'fat-distill[tensorboard]'); each stage's "
+                                                 "history.parquet is written either way")
 
 
 class PipelineConfig(Section):
@@ -104,6 +108,17 @@ class PipelineConfig(Section):
     def baseline_config(self, method: str) -> StudentConfig:
         """The student section with another method: baselines share every other setting."""
         return self.student.model_copy(update={"method": method})
+
+    def student_configs(self) -> dict[str, StudentConfig]:
+        """Every model the run trains, keyed by its actual method: the student first, then the baselines.
+
+        A baseline equal to the student's own method (a sweep point with ``student.method=ce_triplet``
+        and ``ce_triplet`` among the baselines) is the same model, so it is trained and listed once.
+        """
+        configs = {self.student.method: self.student}
+        for method in self.baselines:
+            configs.setdefault(method, self.baseline_config(method))
+        return configs
 
 
 def demo_config() -> PipelineConfig:

@@ -24,6 +24,7 @@ from fat_distill.pipeline import stages
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.keys import key_components, stage_key
 from fat_distill.pipeline.runs import RunPaths, RunState
+from fat_distill.train.history import require_tensorboard
 
 log = logging.getLogger("fat_distill.pipeline")
 
@@ -65,6 +66,10 @@ def make_call(name: str, kind: str, fn: Callable[..., dict], *, inputs: dict[str
 def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor: Executor) -> dict[str, Any]:
     """Run every stage of the pipeline through ``executor``; returns the run's metrics summary."""
     progress = config.run.progress
+    # Training stages log their epochs there too; not part of any cache key (it changes no result).
+    tensorboard = str(paths.run_dir / "tensorboard") if config.run.tensorboard else None
+    if tensorboard:
+        require_tensorboard()
 
     # A given manifest is an input: editing it (in pandas, say) must re-run the data stage.
     given = config.data.manifest if config.data.source == "manifest" else None
@@ -100,7 +105,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
                 f"teacher.round{r}.fold{k}", "teacher_fold", stages.teacher_fold_stage, inputs=inputs,
                 config=teacher_cfg.round_hash(), extra={"round": r, "fold": k}, needs_device=True,
                 kwargs={"dataset": dataset, "previous_round": previous, "config": teacher_cfg, "round": r,
-                        "fold": k, "work_dir": teacher_dir, "progress": progress},
+                        "fold": k, "work_dir": teacher_dir, "progress": progress, "tensorboard_dir": tensorboard},
             )) for k in range(teacher_cfg.folds)]
             for handle in folds:
                 handle.result()
@@ -108,7 +113,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
             f"teacher.round{r}", "teacher_round", stages.teacher_round_stage, inputs=inputs,
             config=teacher_cfg.round_hash(), extra={"round": r}, needs_device=True,
             kwargs={"dataset": dataset, "previous_round": previous, "config": teacher_cfg, "round": r,
-                    "work_dir": teacher_dir, "progress": progress},
+                    "work_dir": teacher_dir, "progress": progress, "tensorboard_dir": tensorboard},
         )).result()
         paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
         previous = round_out["teacher_round"]
@@ -140,17 +145,16 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     )).result()
     paths.publish(soft["soft_labels"], "soft_labels.parquet")
 
-    methods = ["distilled", *config.baselines]
     students = {}
-    for method in methods:
-        cfg = config.student if method == "distilled" else config.baseline_config(method)
+    for method, cfg in config.student_configs().items():  # named by the method each model really trains with
         soft_input = soft["soft_labels"] if method == "distilled" else None
         students[method] = (cfg, executor.submit(make_call(
             f"student.{method}", "student", stages.student_stage,
             inputs={"dataset": dataset, "soft_labels": soft_input}, config=cfg, needs_device=True,
             parallel_devices=cfg.train.devices,
             kwargs={"dataset": dataset, "soft_labels": soft_input, "config": cfg,
-                    "work_dir": str(paths.stage_dir("student", method)), "progress": progress},
+                    "work_dir": str(paths.stage_dir("student", method)), "progress": progress,
+                    "tensorboard_dir": tensorboard},
         )))
     evaluations = {}
     for method, (cfg, handle) in students.items():

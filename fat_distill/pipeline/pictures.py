@@ -90,7 +90,7 @@ def _final_teacher_round(data: dict[str, Any], run_id: str) -> Path:
 
 def _student_checkpoints(data: dict[str, Any], config, methods: Sequence[str] | None,
                          run_id: str) -> dict[str, Path]:
-    planned = ["distilled", *config.baselines]
+    planned = list(config.student_configs())
     stages = data.get("stages", {})
     finished = {m: Path(out["checkpoint"]) for m in planned
                 if (out := _finished_outputs(stages, f"student.{m}")) and out.get("checkpoint")}
@@ -196,7 +196,7 @@ def make_run_pictures(
     pictures = RunPictures(run_id=run_id, plots_dir=plots_dir)
     test = {"query": query, "gallery": gallery, "train": train}
     for method, checkpoint in checkpoints.items():
-        cfg = config.student if method == "distilled" else config.baseline_config(method)
+        cfg = config.student_configs()[method]
         features = student_features(dataset, checkpoint, cfg,
                                     {part: rows for part, rows in test.items() if rows is not None}, device)
         # Only the drawn queries' rows of the distance matrix are needed.

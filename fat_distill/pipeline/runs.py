@@ -10,6 +10,10 @@ Layout of one run (``run_id`` = ``<name>-<UTC time>-<4 hex>``):
         stages/<stage>/    checkpoints and intermediate files of each stage
     data_manifests/<run_id>/
         *.parquet          every manifest the run produced or took from cache
+
+``runs/latest`` is a small text file holding the id of the newest run started under ``runs/``
+(for the shell: ``cat runs/latest``); ``find_run(runs_root, "latest")`` picks the newest run by
+the creation time in run.json, so it is right even without that file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
+LATEST = "latest"  # the name `inspect`/`resume` take for the newest run, and the file naming it
 
 
 def new_run_id(name: str) -> str:
@@ -100,13 +106,17 @@ class RunState:
         atomic_write_text(paths.run_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         existing = load_run_json(paths.run_dir)
         now = _now()
-        data = existing if (resumed and existing) else {"run_id": paths.run_id, "created": now, "stages": {}}
+        fresh = not (resumed and existing)
+        data = ({"run_id": paths.run_id, "created": now, "created_unix": time.time(), "stages": {}} if fresh
+                else existing)
         data.update({"status": "running", "pid": os.getpid(), "updated": now,
                      "manifest_dir": str(paths.manifest_dir), "run_dir": str(paths.run_dir)})
         data.setdefault("attempts", 0)
         data["attempts"] += 1
         state = cls(paths, data)
         state.save()
+        if fresh:
+            atomic_write_text(paths.run_dir.parent / LATEST, paths.run_id + "\n")
         return state
 
     def save(self) -> None:
@@ -167,13 +177,23 @@ def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
             continue
         data["status"] = effective_status(data)
         runs.append(data)
-    runs.sort(key=lambda d: d.get("created", ""), reverse=True)
+    runs.sort(key=_creation_order, reverse=True)
     return runs
 
 
+def _creation_order(data: dict[str, Any]) -> tuple[str, float]:
+    # "created" has whole seconds; the points of a sweep start within one, so the exact time breaks ties.
+    return data.get("created", ""), float(data.get("created_unix") or 0.0)
+
+
 def find_run(runs_root: str | Path, run_id: str) -> Path:
-    """The folder of ``run_id`` (a unique prefix is enough)."""
+    """The folder of ``run_id`` (a unique prefix is enough; ``latest``: the newest run by creation time)."""
     root = Path(runs_root)
+    if run_id == LATEST:
+        newest = list_runs(root)
+        if not newest:
+            raise FileNotFoundError(f"no runs under {root} yet, so there is no latest run")
+        return root / newest[0]["run_id"]
     exact = root / run_id
     if (exact / RUN_FILE).exists():
         return exact
@@ -182,7 +202,11 @@ def find_run(runs_root: str | Path, run_id: str) -> Path:
         return matches[0]
     if not matches:
         raise FileNotFoundError(f"no run {run_id!r} under {root}; `fat-distill runs` lists them")
-    raise ValueError(f"run id {run_id!r} is ambiguous: {', '.join(sorted(p.name for p in matches))}")
+    hint = ""
+    if (root / run_id / "sweep.json").exists():
+        hint = (f"; {run_id} is a sweep, so `fat-distill inspect {run_id}` shows its table, and each point is "
+                "resumed by its own run id")
+    raise ValueError(f"run id {run_id!r} is ambiguous: {', '.join(sorted(p.name for p in matches))}{hint}")
 
 
 def last_components(runs_root: str | Path, stage: str, exclude: str | None = None) -> dict | None:

@@ -123,16 +123,20 @@ def noise_stage(dataset: str | Path, config: NoiseSection, work_dir: str | Path)
 
 
 def teacher_fold_stage(dataset: str | Path, previous_round: str | None, config: TeacherConfig, round: int,
-                       fold: int, work_dir: str | Path, device: str = "auto", progress: bool = False) -> Outputs:
+                       fold: int, work_dir: str | Path, device: str = "auto", progress: bool = False,
+                       tensorboard_dir: str | None = None) -> Outputs:
     """Train one out-of-fold teacher model of a round (folds are independent: schedule them in parallel)."""
-    checkpoint = run_teacher_fold(dataset, previous_round, config, round, fold, work_dir, device, progress=progress)
+    checkpoint = run_teacher_fold(dataset, previous_round, config, round, fold, work_dir, device, progress=progress,
+                                  tensorboard_dir=tensorboard_dir)
     return {"checkpoint": str(checkpoint)}
 
 
 def teacher_round_stage(dataset: str | Path, previous_round: str | None, config: TeacherConfig, round: int,
-                        work_dir: str | Path, device: str = "auto", progress: bool = False) -> Outputs:
+                        work_dir: str | Path, device: str = "auto", progress: bool = False,
+                        tensorboard_dir: str | None = None) -> Outputs:
     """Run one teacher round (training, or reusing finished fold models) and score every train sample."""
-    path = run_teacher_round(dataset, previous_round, config, round, work_dir, device, progress=progress)
+    path = run_teacher_round(dataset, previous_round, config, round, work_dir, device, progress=progress,
+                             tensorboard_dir=tensorboard_dir)
     meta = read_manifest_meta(path)
     return {"teacher_round": str(path), "change": meta.extra.get("change"),
             "confident_fraction": meta.extra.get("confident_fraction"),
@@ -148,11 +152,11 @@ def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints:
 
 
 def student_stage(dataset: str | Path, soft_labels: str | None, config: StudentConfig, work_dir: str | Path,
-                  device: str = "auto", progress: bool = False) -> Outputs:
+                  device: str = "auto", progress: bool = False, tensorboard_dir: str | None = None) -> Outputs:
     """Train the distilled student or a baseline (``config.method``)."""
     result = train_student(dataset, config, work_dir, device,
                            soft_labels_manifest=soft_labels if config.method == "distilled" else None,
-                           progress=progress)
+                           progress=progress, tensorboard_dir=tensorboard_dir)
     return {"checkpoint": str(result.checkpoint), "method": config.method}
 
 

@@ -18,6 +18,7 @@ from fat_distill.train.distributed import (
     is_data_parallel,
     state_digest,
 )
+from fat_distill.train.history import EpochRecorder, read_history, require_tensorboard, write_history
 from fat_distill.train.loop import FitResult, NonFiniteLossError, fit
 from fat_distill.train.objectives import (
     OBJECTIVES,
@@ -31,8 +32,9 @@ from fat_distill.train.objectives import (
 
 __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
-    "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
+    "EpochRecorder", "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
     "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
     "build_train_data", "device_settings", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
-    "load_checkpoint", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
+    "load_checkpoint", "read_history", "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads",
+    "state_digest", "write_history",
 ]

@@ -62,6 +62,7 @@ from fat_distill.train.checkpoint import (
 )
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.device import DeviceSettings, device_settings, resolve_device
+from fat_distill.train.history import EpochRecorder, history_path, write_history
 from fat_distill.train.loop import (
     FitResult,
     NonFiniteLossError,
@@ -140,6 +141,7 @@ def fit_distributed(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
     timeout_s: float = 1800.0,
+    tensorboard_dir: str | Path | None = None,
 ) -> FitResult:
     """:func:`fit` with one DistributedDataParallel process per entry of ``config.devices``.
 
@@ -160,6 +162,7 @@ def fit_distributed(
             checkpoint; pickled into the worker like ``setup``.
         progress: show a Rich progress bar for rank 0.
         timeout_s: how long a rank waits for the others in a collective before failing.
+        tensorboard_dir: rank 0 also logs each epoch's statistics under ``tensorboard_dir/<stage>``.
 
     Returns:
         :class:`FitResult`; ``history`` holds per-epoch statistics over all ranks
@@ -190,6 +193,8 @@ def fit_distributed(
     finished = load_finished(checkpoint_dir, cfg_hash, "cpu")
     if finished is not None:
         log.info("%s: already trained (%s)", stage, checkpoint_dir / FINAL_NAME)
+        if not history_path(checkpoint_dir).exists():  # trained before histories were written
+            write_history(checkpoint_dir, list(finished.get("history", [])))
         return FitResult(history=list(finished.get("history", [])), final_checkpoint=checkpoint_dir / FINAL_NAME,
                          resumed_from_epoch=config.epochs, ran_epochs=0,
                          extra={"world_size": world_size, "backend": backend})
@@ -202,7 +207,7 @@ def fit_distributed(
             context = mp.start_processes(
                 _worker,
                 args=(world_size, port, backend, setup, config, checkpoint_dir, stage, on_epoch_end, progress,
-                      timeout_s, outcome_dir),
+                      timeout_s, outcome_dir, tensorboard_dir),
                 nprocs=world_size, join=False, start_method="spawn")
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
             raise TypeError(f"stage {stage!r}: the setup factory and on_epoch_end are sent to spawned workers and "
@@ -275,7 +280,7 @@ def _write_outcome(outcome_dir: str, rank: int, outcome: dict[str, Any]) -> None
 
 def _worker(rank: int, world_size: int, port: int, backend: str, setup: SetupFactory, config: TrainConfig,
             checkpoint_dir: Path, stage: str, on_epoch_end: Callable | None, progress: bool, timeout_s: float,
-            outcome_dir: str) -> None:
+            outcome_dir: str, tensorboard_dir: str | Path | None = None) -> None:
     try:
         device = torch.device(config.devices[rank])
         if device.type == "cuda":
@@ -291,7 +296,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, setup: SetupFac
         settings = device_settings(device, amp=config.amp, channels_last=config.channels_last)
         try:
             outcome = _fit_rank(rank, world_size, setup(settings), config, settings, checkpoint_dir, stage,
-                                on_epoch_end, progress)
+                                on_epoch_end, progress, tensorboard_dir)
         except NonFiniteLossError as err:
             outcome = {"status": "nonfinite", "rank": rank, "stage": err.stage, "epoch": err.epoch,
                        "batch": err.batch, "terms": err.terms,
@@ -307,7 +312,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, setup: SetupFac
 
 
 def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainConfig, settings: DeviceSettings,
-              checkpoint_dir: Path, stage: str, on_epoch_end: Callable | None, progress: bool) -> dict[str, Any]:
+              checkpoint_dir: Path, stage: str, on_epoch_end: Callable | None, progress: bool,
+              tensorboard_dir: str | Path | None = None) -> dict[str, Any]:
     """One rank's share of :func:`fit`; mirrors it step for step, using its pieces."""
     model, objective, device = parts.model, parts.objective, settings.device
     objective.to(device)
@@ -343,6 +349,9 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
         if parts.feature_dataset is None:
             raise ValueError(f"stage {stage!r}: epoch-refreshed centres need TrainingSetup.feature_dataset")
         feature_share = Subset(parts.feature_dataset, range(rank, len(parts.feature_dataset), world_size))
+    recorder = EpochRecorder(checkpoint_dir, stage, tensorboard_dir) if rank == 0 else None
+    if recorder is not None:
+        recorder.resume(history)
     bar = _progress(None) if progress and rank == 0 else None
     if bar is not None:
         bar.start()
@@ -366,10 +375,13 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
                                     history, rngs[0])
                 state["rng_by_rank"] = rngs
                 save_checkpoint(last_ckpt, state)
+                recorder.epoch_done(history)
                 finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
         if bar is not None:
             bar.stop()
+        if recorder is not None:
+            recorder.close()
     digests = [None] * world_size
     dist.all_gather_object(digests, state_digest(model, objective))
     final_path = checkpoint_dir / FINAL_NAME

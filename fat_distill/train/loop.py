@@ -34,6 +34,7 @@ from fat_distill.train.checkpoint import (
 )
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.device import DeviceSettings
+from fat_distill.train.history import EpochRecorder, history_path, write_history
 from fat_distill.train.objectives import Objective
 
 log = logging.getLogger("fat_distill.train")
@@ -129,12 +130,14 @@ def fit(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     console: Console | None = None,
+    tensorboard_dir: str | Path | None = None,
 ) -> FitResult:
     """Train ``model`` with ``objective`` for ``config.epochs`` epochs, resuming from ``checkpoint_dir``.
 
     After every epoch a checkpoint (model, objective state such as centres, optimizer,
     scheduler, sampler and RNG state, history) is written atomically to
-    ``checkpoint_dir/epoch-NNNN.pt``; at the end the weights go to ``final.pt``.
+    ``checkpoint_dir/epoch-NNNN.pt``, and the history so far to ``history.parquet``
+    (:mod:`fat_distill.train.history`); at the end the weights go to ``final.pt``.
     Started again with the same ``checkpoint_dir``, ``fit`` continues after the
     last checkpoint and, on the CPU with a fixed seed, ends with the same weights as
     an uninterrupted run. A ``final.pt`` made with the same config is taken as done.
@@ -152,6 +155,8 @@ def fit(
             refresh centres from a full feature pass each epoch.
         on_epoch_end: called with ``(epoch, stats)`` after each epoch's checkpoint.
         progress: show a Rich progress bar.
+        tensorboard_dir: also log each epoch's statistics as TensorBoard scalars under
+            ``tensorboard_dir/<stage>`` (needs the ``tensorboard`` package).
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (names stage, epoch, batch, last checkpoint).
@@ -169,6 +174,8 @@ def fit(
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         log.info("%s: already trained (%s), loaded its weights", stage, final_path)
+        if not history_path(checkpoint_dir).exists():  # trained before histories were written
+            write_history(checkpoint_dir, list(state.get("history", [])))
         return FitResult(history=list(state.get("history", [])), final_checkpoint=final_path,
                          resumed_from_epoch=config.epochs, ran_epochs=0)
 
@@ -190,6 +197,8 @@ def fit(
 
     loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers,
                         pin_memory=settings.pin_memory, persistent_workers=False)
+    recorder = EpochRecorder(checkpoint_dir, stage, tensorboard_dir)
+    recorder.resume(history)
     bar = _progress(console) if progress else None
     if bar is not None:
         try:
@@ -207,10 +216,12 @@ def fit(
             last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), epoch_state(
                 epoch, cfg_hash, stage, model, objective, optimizer, scheduler, scaler, batch_sampler, history,
                 rng_state()))
+            recorder.epoch_done(history)
             finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
         if bar is not None:
             bar.stop()
+        recorder.close()
     save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history))
     log.info("%s: trained %d epoch(s), weights in %s", stage, config.epochs - start_epoch, final_path)
     return FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
