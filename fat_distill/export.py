@@ -54,7 +54,8 @@ class ImageEmbedder(nn.Module):
         super().__init__()
         card = card if card is not None else getattr(model, "model_card", None)
         if not isinstance(card, ModelCard):
-            raise ValueError("ImageEmbedder needs the model's card: pass a model from fat_distill.load_student or card=")
+            raise ValueError("ImageEmbedder needs the model's card: pass a model from fat_distill.load_student "
+                             "or card=")
         self.model = model
         self.card = card
         self.flip = bool(card.flip_test)

@@ -6,7 +6,10 @@ every test; equality with the pipeline's own evaluation features is checked to 1
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +140,26 @@ def test_load_student_accepts_a_run_id_prefix_a_run_folder_or_a_checkpoint(train
         load_student(run_id, method="oracle", runs_root=runs)
 
 
+def test_a_stage_taken_from_cache_is_found_in_the_run_that_trained_it(trained):
+    """Prefect's cache records the outputs of the run that computed a stage, relative to where it ran."""
+    import json
+
+    from fat_distill.pipeline.runs import RUN_FILE
+
+    runs, run_id = trained["runs"], trained["run_id"]
+    later = runs / f"{run_id}-later"
+    shutil.copytree(runs / run_id, later, ignore=shutil.ignore_patterns("*.pt"))
+    state = json.loads((later / RUN_FILE).read_text())
+    # relative to where the pipeline ran, as with the default runs_root "runs"
+    recorded = Path("runs") / run_id / "stages" / "student" / "ce_triplet" / "final.pt"
+    state["stages"]["student.ce_triplet"].update(state="cached", outputs={"checkpoint": str(recorded)})
+    state["stages"]["student.distilled"] = {"state": "failed", "error": "killed"}
+    (later / RUN_FILE).write_text(json.dumps(state))
+    assert resolve_checkpoint(later, "ce_triplet") == runs.parent / recorded
+    with pytest.raises(FileNotFoundError, match=r"has no trained 'distilled' model; it has: ce_triplet\."):
+        resolve_checkpoint(later, "distilled")
+
+
 @pytest.mark.parametrize("method", ["distilled", "ce_triplet"])
 def test_embed_images_equals_the_evaluation_features(trained, method):
     from fat_distill.distill import load_dataset, student_features
@@ -179,6 +202,7 @@ def test_torchscript_export_matches_the_checkpoint_and_carries_the_card(trained,
     torch.testing.assert_close(exported, embed_images(model, files), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_the_checkpoint_through_onnxruntime(trained, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'fat-distill[onnx]') is not installed")
     pytest.importorskip("onnxscript", reason="the onnx extra (pip install 'fat-distill[onnx]') is not installed")
@@ -195,18 +219,30 @@ def test_onnx_export_matches_the_checkpoint_through_onnxruntime(trained, tmp_pat
 
 # --------------------------------------------------------------------------- the CLI
 
-def test_cli_export_torchscript_and_embed_a_folder(trained, tmp_path):
-    run_id, runs = trained["run_id"], trained["runs"]
-    model_file = tmp_path / "model.pt"
-    result = invoke("export", run_id, "--format", "torchscript", "--out", model_file, "--runs-root", runs)
-    assert result.exit_code == 0, result.output
-    assert "(B, 3, 32, 16) float RGB in [0, 1]" in result.output
-    assert load_torchscript(model_file)[1].method == "distilled"
+# Both commands in a fresh interpreter (this one imported flows in conftest): they must not need Prefect.
+CLI_SCRIPT = """
+import sys
+from fat_distill.cli import app
+for command in sys.argv[1:]:
+    app(command.split("|"), standalone_mode=False)
+print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"flows", "prefect"}))
+"""
 
+
+@pytest.mark.slow
+def test_cli_export_torchscript_and_embed_a_folder_without_prefect(trained, tmp_path):
+    run_id, runs = trained["run_id"], str(trained["runs"])
+    model_file = tmp_path / "model.pt"
     query = trained["dataset"] / "query"
     feats = tmp_path / "out" / "feats.parquet"
-    result = invoke("embed", run_id, "--folder", query, "--out", feats, "--runs-root", runs, "--batch-size", 4)
-    assert result.exit_code == 0, result.output
+    export = ["export", run_id, "--format", "torchscript", "--out", str(model_file), "--runs-root", runs]
+    embed = ["embed", run_id, "--folder", str(query), "--out", str(feats), "--runs-root", runs, "--batch-size", "4"]
+    done = subprocess.run([sys.executable, "-c", CLI_SCRIPT, "|".join(export), "|".join(embed)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert "imported: []" in done.stdout and "(B, 3, 32, 16) float RGB in [0, 1]" in done.stdout
+    assert load_torchscript(model_file)[1].method == "distilled"
     table = pq.read_table(feats)
     jpgs = sorted(p.name for p in query.glob("*.jpg"))
     assert table.num_rows == len(jpgs) and sorted(table.column("sample_id").to_pylist()) == jpgs

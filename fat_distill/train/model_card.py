@@ -160,7 +160,7 @@ def describe_model(config: TrainConfig, class_pids: Sequence[int], *, kind: Lite
         kind=kind, method=method, stage=stage, model=config.model, embedding_dim=embedding_width(config),
         num_classes=len(class_pids), last_stride=config.last_stride,
         image_size=(int(config.image_size[0]), int(config.image_size[1])),
-        mean=tuple(float(v) for v in IMAGENET_MEAN), std=tuple(float(v) for v in IMAGENET_STD),  # type: ignore[arg-type]
+        mean=_floats(IMAGENET_MEAN), std=_floats(IMAGENET_STD),
         class_pids=tuple(int(p) for p in class_pids), label_column=label_column, flip_test=bool(flip_test),
         distance=distance, fat_distill_version=fat_distill.__version__,
     )
