@@ -5,7 +5,7 @@ A student's ``final.pt`` carries a model card
 run's config::
 
     import fat_distill
-    from fat_distill.inference import embed_images
+    from fat_distill.inference import embed_images, find_images
 
     model = fat_distill.load_student("demo-20250101", method="distilled")
     features = embed_images(model, "photos/")          # (N, D), unit L2 norm
