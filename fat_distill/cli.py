@@ -412,6 +412,9 @@ def manifest_diff(
 from fat_distill.cli_pipeline import register as _register_pipeline_commands  # noqa: E402
 
 _register_pipeline_commands(app)
+from fat_distill.cli_model import register as _register_model_commands  # noqa: E402
+
+_register_model_commands(app)
 
 from fat_distill.cli_labels import register as _register_label_commands  # noqa: E402
 

@@ -135,7 +135,7 @@ def test_a_method_sweep_labels_every_model_by_its_method_and_writes_its_table(tm
             [f"student.{m}" for m in models] + [f"evaluate.{m}" for m in models])
         manifests = tmp_path / "manifests" / run_id
         assert sorted(p.name for p in manifests.glob("metrics_*.parquet")) == sorted(
-            [f"metrics_{m}.parquet" for m in models] + ["metrics_noise_detection.parquet"])
+            [f"metrics_{m}.parquet" for m in models] + ["metrics_label_audit.parquet", "metrics_noise_detection.parquet"])
         metrics = read_manifest(manifests / "metrics.parquet", "metrics")
         student_stages = sorted(s for s in metrics["stage"].unique() if s.startswith("student."))
         assert student_stages == sorted(f"student.{m}" for m in models)

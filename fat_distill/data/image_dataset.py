@@ -41,7 +41,7 @@ def _decoded_natively(data: bytes) -> bool:
     return data.startswith(_TORCHVISION_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def decode_image_file(path: str | Path, *, sample_id: str | None = None) -> Tensor:
+def decode_image_file(path: str | Path, *, sample_id: str | None = None, hint: str = REPAIR_HINT) -> Tensor:
     """Read an image file as a (3, H, W) uint8 RGB tensor.
 
     JPEG, PNG, GIF and WEBP are decoded by ``torchvision.io.decode_image``; other
@@ -52,6 +52,7 @@ def decode_image_file(path: str | Path, *, sample_id: str | None = None) -> Tens
     Args:
         path: the image file.
         sample_id: named in the error message if decoding fails.
+        hint: what the error message tells the user to do (default: re-index with ``--verify --skip-bad``).
 
     Returns:
         shape (3, H, W), dtype uint8.
@@ -64,9 +65,9 @@ def decode_image_file(path: str | Path, *, sample_id: str | None = None) -> Tens
         data = Path(path).read_bytes()
     except OSError as error:
         reason = "does not exist" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
-        raise ImageDecodeError(f"{where} {reason}; {REPAIR_HINT}", path=str(path), sample_id=sample_id) from error
+        raise ImageDecodeError(f"{where} {reason}; {hint}", path=str(path), sample_id=sample_id) from error
     if not data:
-        raise ImageDecodeError(f"{where} is an empty file; {REPAIR_HINT}", path=str(path), sample_id=sample_id)
+        raise ImageDecodeError(f"{where} is an empty file; {hint}", path=str(path), sample_id=sample_id)
     try:
         if _decoded_natively(data):
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -77,7 +78,7 @@ def decode_image_file(path: str | Path, *, sample_id: str | None = None) -> Tens
             image = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     except Exception as error:  # noqa: BLE001 - decoders raise RuntimeError, OSError, ValueError, SyntaxError …
         raise ImageDecodeError(
-            f"{where} could not be decoded ({type(error).__name__}: {str(error).strip()[:200]}); {REPAIR_HINT}",
+            f"{where} could not be decoded ({type(error).__name__}: {str(error).strip()[:200]}); {hint}",
             path=str(path),
             sample_id=sample_id,
         ) from error

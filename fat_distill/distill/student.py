@@ -39,6 +39,7 @@ from fat_distill.distill.soft_labels import soft_targets_for
 from fat_distill.manifests import parent_ref, read_manifest, write_manifest
 from fat_distill.train import DeviceSettings, build_objective, build_train_data, fit
 from fat_distill.train.distributed import TrainingSetup, fit_distributed, is_data_parallel
+from fat_distill.train.model_card import class_pids_of, describe_model
 
 log = logging.getLogger("fat_distill.distill")
 
@@ -147,7 +148,10 @@ def train_student(
 
     Checkpoints go to ``out_dir`` (epoch files, ``final.pt``, ``stage.json``); a killed
     run resumes from the last epoch and a finished one is loaded, not retrained. A
-    folder holding a run of another method, config or input is refused.
+    folder holding a run of another method, config or input is refused. ``final.pt``
+    carries a model card (:class:`fat_distill.train.model_card.ModelCard`: architecture,
+    image size, normalisation, class → pid, flip test, distance), so
+    :func:`fat_distill.load_student` can rebuild the model without this config.
 
     Args:
         dataset_manifest: the ``dataset`` manifest (noisy ``pid``; ``true_pid`` for the oracle).
@@ -176,6 +180,8 @@ def train_student(
     dataset = load_dataset(dataset_manifest)
     train, label_column = student_training_rows(dataset.frame, config)
     label_map = build_label_map(train[label_column])
+    card = describe_model(config.train, class_pids_of(label_map), kind="student", method=method, stage=stage,
+                          label_column=label_column, flip_test=config.flip_test, distance=config.distance)
     soft_ids = soft_probs = confident = None
     if method == "distilled":
         train, soft_ids, soft_probs, confident = _soft_inputs(soft_labels_manifest, train, label_map, config)
@@ -192,13 +198,14 @@ def train_student(
             log.info("%s: train.devices %s set, so the device argument %s is not used", stage,
                      config.train.devices, device)
         result = fit_distributed(setup, config=config.train, checkpoint_dir=out_dir, stage=stage, progress=progress,
-                                 tensorboard_dir=tensorboard_dir)
+                                 tensorboard_dir=tensorboard_dir, model_card=card.to_dict())
     else:
         settings = stage_settings(device, config.train)
         parts = setup(settings)
         result = fit(parts.model, parts.objective, parts.dataset, parts.batch_sampler, config=config.train,
                      settings=settings, checkpoint_dir=out_dir, stage=stage, feature_dataset=parts.feature_dataset,
-                     progress=progress, tensorboard_dir=tensorboard_dir)
+                     progress=progress, tensorboard_dir=tensorboard_dir,
+                     model_card=card.to_dict())
     return StudentResult(checkpoint=result.final_checkpoint, label_map=label_map, history=result.history,
                          method=method)
 

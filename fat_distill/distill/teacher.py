@@ -55,6 +55,7 @@ from fat_distill.distill.confidence import ConfidenceScores, confident_set_chang
 from fat_distill.distill.config import TeacherConfig
 from fat_distill.manifests import ManifestError, parent_ref, read_manifest, read_manifest_meta, write_manifest
 from fat_distill.train import build_objective, build_train_data, fit
+from fat_distill.train.model_card import class_pids_of, describe_model
 
 log = logging.getLogger("fat_distill.distill")
 
@@ -197,9 +198,12 @@ def _train_model(inputs: _RoundInputs, config: TeacherConfig, round: int, mask: 
         load_weights(model, init_from, settings.device)
     objective = build_objective("ce", model=model, num_classes=data.num_classes, num_samples=len(data.dataset),
                                 image_size=tuple(config.train.image_size), target="hard")
+    # The teacher's only use of its features (logits for soft labels) runs without flip averaging.
+    card = describe_model(config.train, class_pids_of(inputs.label_map), kind="teacher", method="teacher",
+                          stage=stage, flip_test=False)
     result = fit(model, objective, data.dataset, data.batch_sampler, config=config.train, settings=settings,
                  checkpoint_dir=directory, stage=stage, feature_dataset=data.feature_dataset, progress=progress,
-                 tensorboard_dir=tensorboard_dir)
+                 tensorboard_dir=tensorboard_dir, model_card=card.to_dict())
     return model, data, settings, result
 
 

@@ -20,6 +20,7 @@ from fat_distill.train.distributed import (
 )
 from fat_distill.train.history import EpochRecorder, read_history, require_tensorboard, write_history
 from fat_distill.train.loop import FitResult, NonFiniteLossError, fit
+from fat_distill.train.model_card import ModelCard, ModelCardError, describe_model, read_model_card
 from fat_distill.train.objectives import (
     OBJECTIVES,
     ClassificationObjective,
@@ -32,9 +33,9 @@ from fat_distill.train.objectives import (
 
 __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
-    "EpochRecorder", "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
-    "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
-    "build_train_data", "device_settings", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
-    "load_checkpoint", "read_history", "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads",
-    "state_digest", "write_history",
+    "EpochRecorder", "FATObjective", "FitResult", "MetricObjective", "ModelCard", "ModelCardError",
+    "NonFiniteLossError", "Objective", "SampleTable", "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData",
+    "TrainingSetup", "build_objective", "build_train_data", "describe_model", "device_settings", "fit",
+    "fit_distributed", "is_data_parallel", "latest_checkpoint", "load_checkpoint", "read_history", "read_model_card",
+    "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest", "write_history",
 ]

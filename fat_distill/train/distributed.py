@@ -34,7 +34,7 @@ import pickle
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -63,6 +63,7 @@ from fat_distill.train.checkpoint import (
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.device import DeviceSettings, device_settings, resolve_device
 from fat_distill.train.history import EpochRecorder, history_path, write_history
+from fat_distill.train.model_card import store_model_card
 from fat_distill.train.loop import (
     FitResult,
     NonFiniteLossError,
@@ -142,6 +143,7 @@ def fit_distributed(
     progress: bool = False,
     timeout_s: float = 1800.0,
     tensorboard_dir: str | Path | None = None,
+    model_card: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """:func:`fit` with one DistributedDataParallel process per entry of ``config.devices``.
 
@@ -163,6 +165,7 @@ def fit_distributed(
         progress: show a Rich progress bar for rank 0.
         timeout_s: how long a rank waits for the others in a collective before failing.
         tensorboard_dir: rank 0 also logs each epoch's statistics under ``tensorboard_dir/<stage>``.
+        model_card: stored in ``final.pt``, as in :func:`fit`.
 
     Returns:
         :class:`FitResult`; ``history`` holds per-epoch statistics over all ranks
@@ -192,6 +195,8 @@ def fit_distributed(
     cfg_hash = config_hash(config)
     finished = load_finished(checkpoint_dir, cfg_hash, "cpu")
     if finished is not None:
+        if model_card is not None and store_model_card(checkpoint_dir / FINAL_NAME, finished, model_card):
+            log.info("%s: updated the model card in %s", stage, checkpoint_dir / FINAL_NAME)
         log.info("%s: already trained (%s)", stage, checkpoint_dir / FINAL_NAME)
         if not history_path(checkpoint_dir).exists():  # trained before histories were written
             write_history(checkpoint_dir, list(finished.get("history", [])))
@@ -207,7 +212,7 @@ def fit_distributed(
             context = mp.start_processes(
                 _worker,
                 args=(world_size, port, backend, setup, config, checkpoint_dir, stage, on_epoch_end, progress,
-                      timeout_s, outcome_dir, tensorboard_dir),
+                      timeout_s, outcome_dir, tensorboard_dir, model_card),
                 nprocs=world_size, join=False, start_method="spawn")
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
             raise TypeError(f"stage {stage!r}: the setup factory and on_epoch_end are sent to spawned workers and "
@@ -280,7 +285,8 @@ def _write_outcome(outcome_dir: str, rank: int, outcome: dict[str, Any]) -> None
 
 def _worker(rank: int, world_size: int, port: int, backend: str, setup: SetupFactory, config: TrainConfig,
             checkpoint_dir: Path, stage: str, on_epoch_end: Callable | None, progress: bool, timeout_s: float,
-            outcome_dir: str, tensorboard_dir: str | Path | None = None) -> None:
+            outcome_dir: str, tensorboard_dir: str | Path | None = None,
+            model_card: Mapping[str, Any] | None = None) -> None:
     try:
         device = torch.device(config.devices[rank])
         if device.type == "cuda":
@@ -296,7 +302,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, setup: SetupFac
         settings = device_settings(device, amp=config.amp, channels_last=config.channels_last)
         try:
             outcome = _fit_rank(rank, world_size, setup(settings), config, settings, checkpoint_dir, stage,
-                                on_epoch_end, progress, tensorboard_dir)
+                                on_epoch_end, progress, tensorboard_dir, model_card)
         except NonFiniteLossError as err:
             outcome = {"status": "nonfinite", "rank": rank, "stage": err.stage, "epoch": err.epoch,
                        "batch": err.batch, "terms": err.terms,
@@ -313,7 +319,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, setup: SetupFac
 
 def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainConfig, settings: DeviceSettings,
               checkpoint_dir: Path, stage: str, on_epoch_end: Callable | None, progress: bool,
-              tensorboard_dir: str | Path | None = None) -> dict[str, Any]:
+              tensorboard_dir: str | Path | None = None,
+              model_card: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One rank's share of :func:`fit`; mirrors it step for step, using its pieces."""
     model, objective, device = parts.model, parts.objective, settings.device
     objective.to(device)
@@ -389,7 +396,7 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
         if len(set(digests)) > 1:
             log.warning("%s: the ranks' weights or centre banks differ at the end of training (%s); rank 0's "
                         "are saved", stage, digests)
-        save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history))
+        save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history, model_card))
         log.info("%s: trained %d epoch(s) on %d devices, weights in %s", stage, config.epochs - start_epoch,
                  world_size, final_path)
     dist.barrier()  # final.pt exists before any rank reports success

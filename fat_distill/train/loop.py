@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from fat_distill.train.checkpoint import (
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.device import DeviceSettings
 from fat_distill.train.history import EpochRecorder, history_path, write_history
+from fat_distill.train.model_card import MODEL_CARD_KEY, store_model_card
 from fat_distill.train.objectives import Objective
 
 log = logging.getLogger("fat_distill.train")
@@ -131,6 +132,7 @@ def fit(
     progress: bool = True,
     console: Console | None = None,
     tensorboard_dir: str | Path | None = None,
+    model_card: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``objective`` for ``config.epochs`` epochs, resuming from ``checkpoint_dir``.
 
@@ -157,6 +159,10 @@ def fit(
         progress: show a Rich progress bar.
         tensorboard_dir: also log each epoch's statistics as TensorBoard scalars under
             ``tensorboard_dir/<stage>`` (needs the ``tensorboard`` package).
+        model_card: a JSON-ready description of the model
+            (:meth:`fat_distill.train.model_card.ModelCard.to_dict`) stored in
+            ``final.pt``; a finished ``final.pt`` with another card gets this one
+            without retraining.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (names stage, epoch, batch, last checkpoint).
@@ -173,6 +179,8 @@ def fit(
     if state is not None:
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
+        if model_card is not None and store_model_card(final_path, state, model_card):
+            log.info("%s: updated the model card in %s", stage, final_path)
         log.info("%s: already trained (%s), loaded its weights", stage, final_path)
         if not history_path(checkpoint_dir).exists():  # trained before histories were written
             write_history(checkpoint_dir, list(state.get("history", [])))
@@ -222,7 +230,7 @@ def fit(
         if bar is not None:
             bar.stop()
         recorder.close()
-    save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history))
+    save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history, model_card))
     log.info("%s: trained %d epoch(s), weights in %s", stage, config.epochs - start_epoch, final_path)
     return FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
                      ran_epochs=config.epochs - start_epoch)
@@ -289,10 +297,13 @@ def epoch_state(epoch: int, cfg_hash: str, stage: str, model: nn.Module, objecti
 
 
 def final_state(cfg_hash: str, stage: str, model: nn.Module, objective: nn.Module,
-                history: list[dict[str, float]]) -> dict[str, Any]:
-    """What ``final.pt`` holds: the trained weights, the objective's state and the history."""
-    return {"config_hash": cfg_hash, "stage": stage, "model": model.state_dict(),
-            "objective": objective.state_dict(), "history": history}
+                history: list[dict[str, float]], model_card: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``final.pt`` holds: the trained weights, the objective's state, the history and the model card."""
+    state = {"config_hash": cfg_hash, "stage": stage, "model": model.state_dict(),
+             "objective": objective.state_dict(), "history": history}
+    if model_card is not None:
+        state[MODEL_CARD_KEY] = dict(model_card)
+    return state
 
 
 def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings, stage, epoch,
