@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,14 @@ def test_cpu_thread_setting_applies_and_keeps_the_current_one_by_default():
             set_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_dataset_with_fewer_identities_than_batch_p_trains_with_all_of_them():
+    from fat_distill.train.data import batch_identities
+
+    labels = np.repeat(np.arange(5), 4)
+    assert batch_identities(labels, 16) == 5
+    assert batch_identities(labels, 4) == 4
+    mask = labels < 3
+    assert batch_identities(labels, 16, mask) == 3
+    assert batch_identities(np.zeros(4, dtype=int), 16) == 16  # one identity: the sampler's own error says why

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from fat_distill.data.image_dataset import ManifestImageDataset
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.data.transforms import build_transforms
 from fat_distill.train.config import TrainConfig
+
+log = logging.getLogger("fat_distill.train")
 
 
 @dataclass
@@ -27,6 +30,22 @@ class TrainData:
     @property
     def num_classes(self) -> int:
         return len(self.label_map)
+
+
+def batch_identities(labels, batch_p: int, train_mask: np.ndarray | None = None) -> int:
+    """P of the P×K sampler: ``batch_p``, or every trainable identity when a small dataset has fewer.
+
+    A user's own folder of ten people should train with the defaults instead of
+    failing on "needs at least p=16 identities"; the batch is then smaller.
+    """
+    labels = np.asarray(labels)
+    trainable = labels if train_mask is None else labels[np.asarray(train_mask, dtype=bool)]
+    available = len(np.unique(trainable))
+    if 2 <= available < batch_p:
+        log.warning("only %d identities to train on, fewer than batch_p=%d: each batch takes all %d",
+                    available, batch_p, available)
+        return available
+    return batch_p
 
 
 def build_train_data(
@@ -58,7 +77,7 @@ def build_train_data(
     # Same rows and root, already checked: the second dataset need not walk the paths again.
     feature_dataset = ManifestImageDataset(frame, root, transform=eval_tf, label_column=label_column,
                                            label_map=dataset.label_map, allow_outside_root=True)
-    sampler = IdentityBatchSampler(dataset.labels, config.batch_p, config.batch_k, seed=config.seed,
-                                   train_mask=train_mask)
+    sampler = IdentityBatchSampler(dataset.labels, batch_identities(dataset.labels, config.batch_p, train_mask),
+                                   config.batch_k, seed=config.seed, train_mask=train_mask)
     return TrainData(dataset=dataset, feature_dataset=feature_dataset, batch_sampler=sampler,
                      label_map=dataset.label_map)
