@@ -72,6 +72,67 @@ def test_device_slots_are_never_oversubscribed(tmp_path):
     assert len(folds) == 2
 
 
+def test_a_device_slot_is_never_held_by_two_processes_at_once(tmp_path):
+    """Two OS processes on one Prefect home (two `fat-distill run` in one project) want the only slot of the same
+    device. The second starts (``create_limits``, which frees slots of killed runs) while the first holds it; the
+    first is then killed holding it, and the waiting second must free that dead slot and take it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+
+    from flows.slot_holders import FOLDER
+
+    prefix = f"test-processes-{uuid.uuid4().hex[:8]}"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    first_out, second_out, second_ready = tmp_path / "first.json", tmp_path / "second.json", tmp_path / "second.ready"
+
+    def holder(*args):
+        return subprocess.Popen([sys.executable, "-m", "tests.device_slot_holder", prefix, *map(str, args)],
+                                env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # a process group: SIGKILL takes its embedded server too
+
+    def wait_for(path, process):
+        deadline = time.monotonic() + 240
+        while not path.exists():
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, f"{path.name} never appeared"
+            time.sleep(0.05)
+
+    first = holder(first_out, "--hold-until", tmp_path / "never")
+    processes = [first]
+    try:
+        wait_for(first_out.with_suffix(".holding"), first)
+        held_from = time.time()
+        second = holder(second_out, "--ready", second_ready)
+        processes.append(second)
+        wait_for(second_ready, second)  # the second process's flow start is done: it asks for the slot now
+        time.sleep(3.0)
+        assert not second_out.with_suffix(".holding").exists(), "both processes held the device at once"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        killed_at = time.time()
+        output = second.communicate(timeout=240)[0]
+        assert second.returncode == 0, output
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    second_held = json.loads(second_out.read_text())
+    # The device was the first process's from held_from until it died; the second got it only afterwards.
+    assert held_from < killed_at <= second_held["got"] <= second_held["released"]
+    # The killed process's record was cleared when its slot was freed, the second's when it gave its slot back.
+    assert list((get_current_settings().home / FOLDER / f"{prefix}-0").iterdir()) == []
+
+
 def test_unknown_config_key_is_named(tmp_path):
     from fat_distill.pipeline.overrides import ConfigError
 

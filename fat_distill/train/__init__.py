@@ -28,11 +28,13 @@ from fat_distill.train.objectives import (
     SampleTable,
     build_objective,
 )
+from fat_distill.train.record import recording_fits, summarise_fits
 
 __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
     "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
     "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
     "build_train_data", "device_settings", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
-    "load_checkpoint", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
+    "load_checkpoint", "recording_fits", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
+    "summarise_fits",
 ]

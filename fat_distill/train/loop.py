@@ -35,6 +35,7 @@ from fat_distill.train.checkpoint import (
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.device import DeviceSettings
 from fat_distill.train.objectives import Objective
+from fat_distill.train.record import record_fit
 
 log = logging.getLogger("fat_distill.train")
 
@@ -213,8 +214,8 @@ def fit(
             bar.stop()
     save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history))
     log.info("%s: trained %d epoch(s), weights in %s", stage, config.epochs - start_epoch, final_path)
-    return FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
-                     ran_epochs=config.epochs - start_epoch)
+    return record_fit(FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
+                                ran_epochs=config.epochs - start_epoch))
 
 
 def load_finished(checkpoint_dir: Path, cfg_hash: str, map_location: str | torch.device) -> dict[str, Any] | None:
