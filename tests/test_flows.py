@@ -54,7 +54,9 @@ def test_pipeline_caches_every_stage_and_reruns_only_what_changed(tmp_path):
     assert "config section changed" in third["stages"]["student.distilled"]["why"]
 
 
-def test_device_slots_are_never_oversubscribed(tmp_path):
+def test_one_runs_stages_spread_over_both_devices_one_at_a_time(tmp_path):
+    """The in-process scheduler (run.json's slot times, written by the stage task itself); the Prefect limit
+    between processes is tested by test_a_device_slot_is_never_held_by_two_processes_at_once."""
     config = tiny_config(tmp_path, run={"devices": ["cpu", "cpu"], "max_tasks_per_device": 1},
                          teacher={"rounds": 1, "scoring": "oof", "folds": 2},
                          baselines=["ce", "ce_triplet"])

@@ -23,7 +23,6 @@ from fat_distill.evaluate import (
 )
 from fat_distill.evaluate.pictures import MATCH_COLOUR, MISMATCH_COLOUR, QUERY_COLOUR
 from tests.helpers import write_identity_images
-from tests.pipeline_configs import tiny_config
 
 WHITE = (255, 255, 255)
 TILE = (48, 24)
@@ -176,37 +175,13 @@ def test_embedding_map_rejects_bad_input(tmp_path):
 runner = CliRunner()
 
 
-def pictures_config(root: Path) -> dict:
-    """The tiny config on its own synthetic data: Prefect's cache is shared by the test session, and
-    tests/test_flows.py expects its first tiny run to compute every stage."""
-    config = tiny_config(root)
-    return tiny_config(root, data={"synth": {**config["data"]["synth"], "seed": 11}})
-
-
 def invoke(*args: str):
     from fat_distill.cli import app
 
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def prefect_run(tmp_path_factory):
-    from fat_distill.pipeline import PipelineConfig, validate_config
-    from flows.pipeline import run_pipeline
-
-    root = tmp_path_factory.mktemp("prefect_run")
-    config = validate_config(PipelineConfig, pictures_config(root))
-    run_id, _ = run_pipeline(config)
-    return root / "runs", run_id
-
-
-@pytest.fixture(scope="module")
-def direct_run(tmp_path_factory):
-    from fat_distill.pipeline import PipelineConfig, run_direct, validate_config
-
-    root = tmp_path_factory.mktemp("direct_run")
-    run_id, _ = run_direct(validate_config(PipelineConfig, pictures_config(root)))
-    return root / "runs", run_id
+# prefect_run and direct_run: session fixtures in tests/conftest.py (one tiny run each, shared with other tests).
 
 
 @pytest.mark.slow
