@@ -29,7 +29,7 @@ def _assert_png(path: Path, returned: Path) -> None:
 
 
 def _temporary_files(path: Path) -> list[Path]:
-    """The atomic writer's leftovers for ``path`` (fat_distill.atomic.temporary_sibling: ``.{name}.tmp-{pid}-{hex}``)."""
+    """The atomic writer's leftovers for ``path``: ``.{name}.tmp-{pid}-{hex}`` (see temporary_sibling)."""
     return sorted(path.parent.glob(f".{path.name}.tmp-*"))
 
 

@@ -135,6 +135,76 @@ def test_a_device_slot_is_never_held_by_two_processes_at_once(tmp_path):
     assert list((get_current_settings().home / FOLDER / f"{prefix}-0").iterdir()) == []
 
 
+def test_metrics_and_stage_summary_are_artifacts_of_the_flow_run(prefect_run):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    runs_root, run_id = prefect_run
+    run_json = load_run_json(runs_root / run_id)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_json["flow_run_id"]])))
+    by_key = defaultdict(list)
+    for artifact in artifacts:
+        by_key[artifact.key].append(artifact)
+
+    (table,) = by_key["retrieval-metrics"]
+    assert table.type == "table"
+    rows = {row.pop("method"): row for row in json.loads(table.data)}
+    retrieval = run_json["metrics"]["retrieval"]
+    assert set(rows) == {"distilled", "ce"}
+    for method, metrics in retrieval.items():
+        assert rows[method] == {name: round(value, 4) for name, value in metrics.items()}
+
+    (summary,) = by_key["run-summary"]
+    assert summary.type == "markdown" and f"# fat-distill run `{run_id}`" in summary.data
+    for name, entry in run_json["stages"].items():
+        assert f"| {name} | {entry['state']} |" in summary.data
+    auroc = run_json["metrics"]["noise_detection"]["all.auroc"]
+    assert f"auroc {auroc:.3f}" in summary.data
+
+    images = {artifact.data for artifact in artifacts if artifact.type == "image"}
+    plots = [p for p in (runs_root / run_id / "plots").glob("*.png")
+             if p.name.startswith(("cmc_", "confidence_", "noise_"))]  # the run's own, not later pictures
+    assert {f"cmc_{m}.png" for m in ("distilled", "ce")} <= {p.name for p in plots}
+    assert {p.resolve().as_uri() for p in plots} <= images
+
+
+def test_why_a_stage_ran_names_the_changed_input_and_the_changed_library_code(prefect_run, tmp_path, monkeypatch):
+    """Against the session's prefect_run (same runs root): the soft-label temperature changes, and so does the
+    evaluation code. The stage keys hash the library's source files: they are read from an edited copy of the
+    package here, the code that runs is unchanged."""
+    import shutil
+
+    from fat_distill.pipeline import keys
+    from tests.pipeline_configs import own_data_config
+
+    runs_root, _ = prefect_run
+    edited = tmp_path / "fat_distill"
+    shutil.copytree(keys.PACKAGE_ROOT, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "evaluate" / "retrieval.py", "a") as source:
+        source.write("\n# an edit of the evaluation code\n")
+    monkeypatch.setattr(keys, "PACKAGE_ROOT", edited)
+    keys.source_hash.cache_clear()
+    config = own_data_config(runs_root.parent)
+    config["teacher"]["temperature"] = 2.0
+    try:
+        run_id, _, run_json = run(config)
+    finally:
+        keys.source_hash.cache_clear()
+    stages = run_json["stages"]
+    assert {n for n, e in stages.items() if e["state"] == "ran"} == {
+        "soft_labels", "student.distilled", "evaluate.distilled", "evaluate.ce", "noise_report"}
+    assert stages["soft_labels"]["why"] == "its config section changed"
+    assert stages["student.distilled"]["why"] == "input soft_labels changed"
+    assert stages["evaluate.distilled"]["why"] == "input checkpoint changed, library code changed"
+    assert stages["evaluate.ce"]["why"] == stages["noise_report"]["why"] == "library code changed"
+    log = (runs_root / run_id / "run.log").read_text()
+    assert "stage evaluate.ce: ran (library code changed)" in log
+
+
 def test_unknown_config_key_is_named(tmp_path):
     from fat_distill.pipeline.overrides import ConfigError
 
