@@ -237,6 +237,29 @@ def test_inspect_pictures_of_a_direct_run_has_nothing_to_attach(direct_run):
 
 
 @pytest.mark.slow
+def test_inspect_pictures_draws_the_chosen_query_ids_in_their_order(direct_run):
+    from fat_distill.manifests import read_manifest
+
+    runs_root, run_id = direct_run
+    dataset = read_manifest(runs_root.parent / "manifests" / run_id / "dataset_noisy.parquet", "dataset")
+    queries = dataset.loc[dataset["split"] == "query", "sample_id"].tolist()
+    chosen = [queries[-1], queries[0]]  # not the manifest's order
+    result = invoke("inspect", run_id, "--runs-root", runs_root, "--pictures", "--method", "ce", "--topk", 3,
+                    "--query-id", chosen[0], "--query-id", chosen[1], "--json")
+    assert result.exit_code == 0, result.output
+    rows = [Path(p).name for p in json.loads(result.stdout)["pictures"]["rows"]]
+    stems = [Path(q).stem for q in chosen]
+    assert len(rows) == 2 and rows[0].startswith("q000_") and rows[1].startswith("q001_")
+    assert stems[0] in rows[0] and stems[1] in rows[1], (rows, chosen)
+
+    unknown = invoke("inspect", run_id, "--runs-root", runs_root, "--pictures", "--method", "ce",
+                     "--query-id", "query/no_such_image.png")
+    assert unknown.exit_code == 2
+    assert "not query rows of the dataset" in " ".join(unknown.output.split())
+    assert "query/no_such_image.png" in unknown.output
+
+
+@pytest.mark.slow
 def test_inspect_pictures_explains_a_run_without_students(direct_run, tmp_path):
     runs_root, run_id = direct_run
     source = runs_root / run_id
