@@ -108,12 +108,13 @@ def test_deployment_without_a_prefect_server_is_a_clear_error(tmp_path, monkeypa
 
 def test_fat_distill_debug_shows_the_traceback(tmp_path):
     config = write_config(tmp_path / "c.yaml", {"teacher": {"round": 3}})
-    command = [sys.executable, "-m", "fat_distill.cli", "run", str(config)]
-    plain = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr
-    assert "teacher.round: unknown key" in one_line(plain.stderr)
-    debug = subprocess.run(command, env={**cli_env(), "FAT_DISTILL_DEBUG": "1"}, capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path)
+    plain = invoke("run", config)
+    assert plain.exit_code == 2 and "teacher.round: unknown key" in one_line(plain.output)
+    assert "Traceback" not in plain.output
+    # A real process, so the traceback is the interpreter's own, printed where a user sees it.
+    debug = subprocess.run([sys.executable, "-m", "fat_distill.cli", "run", str(config)],
+                           env={**cli_env(), "FAT_DISTILL_DEBUG": "1"}, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "ConfigError" in debug.stderr
     assert "teacher.round: unknown key" in debug.stderr
