@@ -6,6 +6,10 @@ Limits are named ``fat-distill-device-<i>`` (i = position in ``run.devices``) wi
 number of stages, across every flow that talks to the same Prefect server.
 Without CUDA, ``auto`` is the CPU; ``devices: [cpu, cpu]`` gives two virtual devices
 (useful to test scheduling, and to run two CPU stages at once).
+
+With the embedded server, runs of one project share the limits through the database under
+PREFECT_HOME; each process records the slots it holds there (:mod:`flows.slot_holders`), so
+that a flow start frees the slots of killed runs and never those of a live one.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+
+from flows.slot_holders import SlotHolders, SlotRecord
 
 log = logging.getLogger("fat_distill.devices")
 
@@ -43,6 +49,8 @@ def expand_devices(devices: list[str]) -> list[str]:
     out: list[str] = []
     for name in devices or ["auto"]:
         if name == "auto":
+            import torch  # only here: a pool of named devices needs no torch (nor do the tests' helper processes)
+
             if torch.cuda.is_available():
                 out.extend(f"cuda:{i}" for i in range(torch.cuda.device_count()))
             else:
@@ -50,6 +58,18 @@ def expand_devices(devices: list[str]) -> list[str]:
         else:
             out.append(name)
     return out
+
+
+@dataclass
+class _Slot:
+    """A Prefect slot this process holds: the concurrency context to exit, and its holder record (embedded)."""
+
+    context: Any
+    record: SlotRecord | None
+
+
+def _embedded() -> bool:
+    return "PREFECT_API_URL" not in os.environ
 
 
 class DevicePool:
@@ -66,11 +86,12 @@ class DevicePool:
         # against other flows and processes using the same devices.
         self._local_free = [max_tasks_per_device] * len(self.devices)
         self._changed = threading.Condition(self._lock)
-        # Prefect slots released by a stage and not yet given back to the server: (context, expiry timer).
-        self._parked: list[list[tuple[Any, threading.Timer]]] = [[] for _ in self.devices]
+        # Prefect slots released by a stage and not yet given back to the server: (slot, expiry timer).
+        self._parked: list[list[tuple[_Slot, threading.Timer]]] = [[] for _ in self.devices]
         # Slots are taken and given back on this thread, outside any task run: Prefect releases the
         # leases a task run took when that run ends, which would defeat parking a slot for the next one.
         self._server_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fat-distill-device-slots")
+        self._holders = _holder_records() if _embedded() else None
         # Stages on a device run on that device's own threads. torch keeps an OpenMP thread team per
         # calling thread; a second live team on the same cores made each later student ~25 % slower
         # (measured: 4.5 s -> 5.6 s per 8 epochs when the previous trainer's thread stayed alive).
@@ -85,26 +106,25 @@ class DevicePool:
     def slots(self) -> int:
         return len(self.devices) * self.max_tasks
 
-    def create_limits(self, *, reset_stale: bool | None = None) -> None:
+    def create_limits(self, *, free_dead: bool | None = None) -> None:
         """Create or update the per-device limits.
 
         Args:
-            reset_stale: zero the limits' active slots first. Default: only for the embedded
-                server (no PREFECT_API_URL), where one pipeline process owns the database and
-                any held slot was left by a killed run. On a shared server, slots of killed
-                runs are freed when their lease (``LEASE_SECONDS``, renewed while held) expires.
+            free_dead: give back the slots that killed processes left held. Default: only for
+                the embedded server (no PREFECT_API_URL), where runs of one project share the
+                database and record their slots (:class:`flows.slot_holders.SlotHolders`), so only
+                slots without a live holder are freed (a stage waiting for a device frees them
+                too). On a shared server, slots of killed runs are freed when their lease
+                (``LEASE_SECONDS``, renewed while held) expires.
         """
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-
-        if reset_stale is None:
-            reset_stale = "PREFECT_API_URL" not in os.environ
+        if free_dead is None:
+            free_dead = self._holders is not None
         with get_client(sync_client=True) as client:
             for i in range(len(self.devices)):
-                name = self.limit_name(i)
-                client.upsert_global_concurrency_limit_by_name(name, self.max_tasks)
-                if reset_stale and client.read_global_concurrency_limit_by_name(name).active_slots:
-                    log.warning("device pool: %s had slots held by an earlier, killed run; freeing them", name)
-                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+                client.upsert_global_concurrency_limit_by_name(self.limit_name(i), self.max_tasks)
+        if free_dead and self._holders is not None:
+            for i in range(len(self.devices)):
+                self._free_dead_slots(i)
         log.info("device pool: %s, %d stage(s) per device", ", ".join(self.devices), self.max_tasks)
 
     @contextmanager
@@ -122,7 +142,7 @@ class DevicePool:
                 index = next((i for i in free if self._parked[i]), free[0])  # a parked slot needs no server call
                 self._local_free[index] -= 1
             try:
-                ctx = self._take_slot(index)
+                slot = self._take_slot(index)
             except TimeoutError:  # another process holds this device: give the local slot back, retry
                 self._release_local(index)
                 time.sleep(POLL_SECONDS)
@@ -134,7 +154,7 @@ class DevicePool:
                 log.info("%s: running on %s (slot of %s)", stage, self.devices[index], self.limit_name(index))
                 yield index, self.devices[index]
             finally:
-                self._park_slot(index, ctx)
+                self._park_slot(index, slot)
                 self._release_local(index)
             return
 
@@ -165,20 +185,20 @@ class DevicePool:
                     self._changed.wait()
                 for i in indices:
                     self._local_free[i] -= 1
-            held: list[tuple[int, Any]] = []
+            held: list[tuple[int, _Slot]] = []
             try:
                 for i in indices:  # ascending order: processes competing for the same devices do not interlock
                     held.append((i, self._take_slot(i)))
             except TimeoutError:  # another process holds one of them: give everything back, retry
-                for i, ctx in reversed(held):
-                    self._park_slot(i, ctx)
+                for i, slot in reversed(held):
+                    self._park_slot(i, slot)
                 for i in indices:
                     self._release_local(i)
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
-                for i, ctx in reversed(held):
-                    self._park_slot(i, ctx)
+                for i, slot in reversed(held):
+                    self._park_slot(i, slot)
                 for i in indices:
                     self._release_local(i)
                 raise
@@ -187,8 +207,8 @@ class DevicePool:
                 log.info("%s: running data-parallel on %s", stage, ", ".join(names))
                 yield indices, names
             finally:
-                for i, ctx in reversed(held):
-                    self._park_slot(i, ctx)
+                for i, slot in reversed(held):
+                    self._park_slot(i, slot)
                 for i in indices:
                     self._release_local(i)
             return
@@ -198,7 +218,7 @@ class DevicePool:
         context = contextvars.copy_context()
         return self._device_threads[index].submit(context.run, fn, *args, **kwargs).result()
 
-    def _take_slot(self, index: int) -> Any:
+    def _take_slot(self, index: int) -> _Slot:
         """A Prefect slot of device ``index``: a parked one (no server call) or a newly acquired one.
 
         Raises:
@@ -206,39 +226,64 @@ class DevicePool:
         """
         with self._lock:
             if self._parked[index]:
-                ctx, timer = self._parked[index].pop()
+                slot, timer = self._parked[index].pop()
                 timer.cancel()
-                return ctx
+                return slot
+        name = self.limit_name(index)
+
         def enter() -> Any:
-            ctx = concurrency(self.limit_name(index), occupy=1, timeout_seconds=5, strict=True,
-                              lease_duration=LEASE_SECONDS)
+            ctx = concurrency(name, occupy=1, timeout_seconds=5, strict=True, lease_duration=LEASE_SECONDS)
             ctx.__enter__()
             return ctx
 
-        return self._server_calls.submit(enter).result()
+        def enter_recorded() -> _Slot:
+            try:
+                with self._holders.taking(name) as record:
+                    return _Slot(enter(), record)
+            except TimeoutError:
+                # Held elsewhere: by a live run, or by a killed one whose slot nobody has freed yet.
+                try:
+                    self._free_dead_slots(index)
+                except Exception as exc:  # noqa: BLE001 - the wait goes on; the next timeout tries again
+                    log.warning("device pool: could not check %s for slots of killed runs (%s)", name, exc)
+                raise
 
-    def _park_slot(self, index: int, ctx: Any) -> None:
+        if self._holders is None:
+            return _Slot(self._server_calls.submit(enter).result(), None)
+        return self._server_calls.submit(enter_recorded).result()
+
+    def _free_dead_slots(self, index: int) -> None:
+        name = self.limit_name(index)
+        with get_client(sync_client=True) as client:
+            freed = self._holders.free_dead_slots(client, name)
+        if freed:
+            log.warning("device pool: %s had %d slot(s) held by killed runs; freed them", name, freed)
+
+    def _park_slot(self, index: int, slot: _Slot) -> None:
         """Keep a stage's Prefect slot for ``HANDOVER_SECONDS`` before giving it back to the server."""
-        timer = threading.Timer(HANDOVER_SECONDS, self._expire, args=(index, ctx))
+        timer = threading.Timer(HANDOVER_SECONDS, self._expire, args=(index, slot))
         timer.daemon = True
         with self._lock:
-            self._parked[index].append((ctx, timer))
+            self._parked[index].append((slot, timer))
         timer.start()
 
-    def _expire(self, index: int, ctx: Any) -> None:
+    def _expire(self, index: int, slot: _Slot) -> None:
         with self._lock:
-            entry = next((e for e in self._parked[index] if e[0] is ctx), None)
+            entry = next((e for e in self._parked[index] if e[0] is slot), None)
             if entry is None:  # taken by the next stage meanwhile
                 return
             self._parked[index].remove(entry)
-        self._give_back(index, ctx)
+        self._give_back(index, slot)
 
-    def _give_back(self, index: int, ctx: Any) -> None:
+    def _give_back(self, index: int, slot: _Slot) -> None:
         try:
-            self._server_calls.submit(ctx.__exit__, None, None, None).result()
+            self._server_calls.submit(slot.context.__exit__, None, None, None).result()
         except Exception as exc:  # noqa: BLE001 - the lease then expires on its own after LEASE_SECONDS
             log.warning("device pool: could not release a slot of %s (%s); its lease expires in %d s",
                         self.limit_name(index), exc, LEASE_SECONDS)
+        finally:
+            if slot.record is not None:  # this process no longer holds it: the next flow start may free it
+                self._holders.release(slot.record)
 
     def close(self) -> None:
         """Give every parked slot back to the server now (at the end of a flow)."""
@@ -246,11 +291,18 @@ class DevicePool:
             parked = [(i, entry) for i, entries in enumerate(self._parked) for entry in entries]
             for entries in self._parked:
                 entries.clear()
-        for index, (ctx, timer) in parked:
+        for index, (slot, timer) in parked:
             timer.cancel()
-            self._give_back(index, ctx)
+            self._give_back(index, slot)
 
     def _release_local(self, index: int) -> None:
         with self._changed:
             self._local_free[index] += 1
             self._changed.notify_all()
+
+
+def _holder_records() -> SlotHolders | None:
+    """The slot records of the embedded server's home (None where ``flock`` is missing: nothing is freed)."""
+    from prefect.settings import get_current_settings
+
+    return SlotHolders(get_current_settings().home) if SlotHolders.supported() else None

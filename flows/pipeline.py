@@ -27,6 +27,7 @@ from fat_distill.pipeline.inspect import describe_label_audit
 from fat_distill.pipeline.keys import why_changed
 from fat_distill.pipeline.overrides import apply_overrides, validate_config
 from fat_distill.pipeline.runs import last_components, new_run_id
+from fat_distill.pipeline.stages import log_resume, split_training, training_entry
 from fat_distill.pipeline.sweeps import (
     SWEEP_TABLE,
     grid_points,
@@ -120,13 +121,18 @@ class _StageHandle:
             seconds = entry.get("slot_released", time.time()) - entry["slot_acquired"]
         else:
             seconds = (entry.get("finished") or time.time()) - entry.get("started", started)
+        # How the call that computed the value trained is not part of the result: recorded only when it ran.
+        outputs, training = split_training(value)
         if cached:
-            state.stage(call.name, state="cached", outputs=value, seconds=0.0,
-                        why=f"same inputs, config and code as an earlier run (key {call.key[:12]})")
+            state.stage(call.name, state="cached", outputs=outputs, seconds=0.0,
+                        why=f"same inputs, config and code as an earlier run (key {call.key[:12]})",
+                        **training_entry(entry, {}))
             log.info("stage %s: cached (key %s) → %s", call.name, call.key[:12], _where(value))
         else:
-            state.stage(call.name, state="ran", outputs=value, seconds=round(seconds, 2), why=self.why)
+            state.stage(call.name, state="ran", outputs=outputs, seconds=round(seconds, 2), why=self.why,
+                        **training_entry(entry, training))
             log.info("stage %s: ran (%s) in %.1fs → %s", call.name, self.why, seconds, _where(value))
+            log_resume(call.name, training)
         self._value = value
         return value
 

@@ -25,3 +25,10 @@ def tiny_config(root: Path, **sections: Any) -> dict[str, Any]:
         else:
             config[key] = value
     return config
+
+
+def own_data_config(root: Path, seed: int = 11) -> dict[str, Any]:
+    """The tiny config on its own synthetic data: Prefect's cache is shared by the test session, and
+    tests/test_flows.py expects its first tiny run to compute every stage."""
+    config = tiny_config(root)
+    return tiny_config(root, data={"synth": {**config["data"]["synth"], "seed": seed}})

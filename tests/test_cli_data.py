@@ -59,6 +59,27 @@ def test_synth_index_corrupt_inspect_diff(synth_root, tmp_path):
     assert json.loads(result.output)["labels_changed"]["count"] == int((train.noise_kind != "clean").sum())
 
 
+def test_corrupt_mix_splits_the_noise_between_flip_pair_and_outlier(synth_root, tmp_path):
+    clean = tmp_path / "clean.parquet"
+    assert invoke("data", "index", synth_root, "--layout", "market1501", "--out", clean).exit_code == 0
+    noisy = tmp_path / "mix.parquet"
+    result = invoke("data", "corrupt", clean, "--rate", 0.5, "--kind", "mix", "--seed", 3, "--out", noisy)
+    assert result.exit_code == 0, result.output
+    frame = read_manifest(noisy, "dataset")
+    train = frame[frame["split"] == "train"]
+    counts = train["noise_kind"].value_counts()
+    assert set(counts.index) == {"clean", "flip", "pair", "outlier"}
+    noisy_rows = len(train) - counts["clean"]
+    assert abs(noisy_rows - 0.5 * len(train)) <= train["true_pid"].nunique()
+    kinds = [counts[k] for k in ("flip", "pair", "outlier")]
+    assert max(kinds) - min(kinds) <= 1  # equal parts
+    assert ((train["pid"] != train["true_pid"]) == (train["noise_kind"] != "clean")).all()
+    # the images were readable: pair noise took look-alike identities by mean image, and says so
+    assert frame.attrs["manifest"].extra["noise"] == {"rate": 0.5, "kind": "mix", "seed": 3, "pairing": "mean_image"}
+    for kind in ("flip", "pair", "outlier"):
+        assert kind in result.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["--rate", "1.0", "--kind", "flip"], "rate"),
     (["--rate", "0.2", "--kind", "swap"], "kind"),

@@ -29,7 +29,14 @@ from fat_distill.distill import (
 )
 from fat_distill.distill._common import STAGE_MARKER, load_weights, new_model, predict_logits, stage_settings
 from fat_distill.manifests import file_content_hash, read_manifest, read_manifest_meta, write_manifest
-from fat_distill.train import CheckpointError, TrainConfig, build_train_data, load_checkpoint
+from fat_distill.train import (
+    CheckpointError,
+    TrainConfig,
+    build_train_data,
+    load_checkpoint,
+    recording_fits,
+    summarise_fits,
+)
 from tests.helpers import write_identity_images
 
 IDENTITIES = 6
@@ -107,8 +114,14 @@ def test_teacher_resumes_and_skips_finished_rounds(data, teacher):
     last_round.unlink()
     (out / "round-1" / "final.pt").unlink()
     assert list((out / "round-1").glob("epoch-*.pt"))
-    run_teacher_round(data["manifest"], result.round_manifests[0], config, 1, out, "cpu")
+    with recording_fits() as fits:
+        run_teacher_round(data["manifest"], result.round_manifests[0], config, 1, out, "cpu")
     assert file_content_hash(last_round) == hashes[1]
+    # it continued after its only epoch (trained none again), it did not start over
+    assert summarise_fits(fits) == {"resumed_from_epoch": 1, "ran_epochs": 0}
+    with recording_fits() as fits:  # finished rounds train nothing, so they report nothing
+        run_teacher(data["manifest"], config, out, "cpu")
+    assert fits == [] and summarise_fits(fits) == {}
 
     # another configuration in the same folder is an error, not a silent reuse
     with pytest.raises(CheckpointError, match="another configuration"):
@@ -256,6 +269,26 @@ def test_student_resumes_and_refuses_mismatched_inputs(data, soft_labels, tmp_pa
         train_student(data["manifest"], config.model_copy(update={"method": "ce"}), tmp_path, "cpu")
     with pytest.raises(ValueError, match="soft_labels_manifest"):
         train_student(data["manifest"], config, tmp_path / "x", "cpu")
+
+
+def test_student_killed_after_an_epoch_continues_from_it(data, soft_labels, tmp_path):
+    config = StudentConfig(train=tiny_train(epochs=2, keep_checkpoints=2), method="distilled")
+    with recording_fits() as fits:
+        first = train_student(data["manifest"], config, tmp_path, "cpu", soft_labels_manifest=soft_labels)
+    assert summarise_fits(fits) == {"resumed_from_epoch": 0, "ran_epochs": 2}  # a fresh start trains every epoch
+    weights = load_checkpoint(first.checkpoint)["model"]
+    # what a kill during epoch 2 leaves: the checkpoint of epoch 1, nothing later
+    (tmp_path / "final.pt").unlink()
+    (tmp_path / "epoch-0001.pt").unlink()
+    assert [p.name for p in tmp_path.glob("epoch-*.pt")] == ["epoch-0000.pt"]
+    with recording_fits() as fits:
+        again = train_student(data["manifest"], config, tmp_path, "cpu", soft_labels_manifest=soft_labels)
+    assert summarise_fits(fits) == {"resumed_from_epoch": 1, "ran_epochs": 1}  # one epoch, not both again
+    timing = {"seconds", "images_per_s"}
+    assert [{k: v for k, v in h.items() if k not in timing} for h in again.history] == [
+        {k: v for k, v in h.items() if k not in timing} for h in first.history]
+    resumed = load_checkpoint(again.checkpoint)["model"]
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
 
 
 def test_oracle_refuses_a_manifest_without_true_labels(data, tmp_path):

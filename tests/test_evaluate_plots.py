@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from fat_distill.atomic import temporary_sibling
 from fat_distill.evaluate import evaluate_retrieval, plot_cmc, plot_confidence_histogram, plot_noise_pr_curve
+from tests.helpers import EFBIG, run_on_a_full_disk
 
 
 def _assert_png(path: Path, returned: Path) -> None:
@@ -23,7 +25,12 @@ def _assert_png(path: Path, returned: Path) -> None:
     assert width >= 300 and height >= 200
     assert path.stat().st_size > 10_000
     assert colours is not None and len(colours) > 20  # something was drawn, not a blank canvas
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+    assert _temporary_files(path) == []  # no temp file left behind
+
+
+def _temporary_files(path: Path) -> list[Path]:
+    """The atomic writer's leftovers for ``path``: ``.{name}.tmp-{pid}-{hex}`` (see temporary_sibling)."""
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
 
 
 def _noise_case(seed: int = 0):
@@ -68,3 +75,31 @@ def test_noise_pr_curve(tmp_path):
     _assert_png(path, plot_noise_pr_curve(confidence, is_noisy, path))
     with pytest.raises(ValueError, match="no sample is noisy"):
         plot_noise_pr_curve(confidence, np.zeros_like(is_noisy), tmp_path / "none.png")
+
+
+def test_temporary_file_pattern_matches_the_atomic_writers_names(tmp_path):
+    path = tmp_path / "hist.png"
+    tmp = temporary_sibling(path)
+    tmp.write_bytes(b"partial")
+    assert _temporary_files(path) == [tmp]
+
+
+def test_a_plot_that_fails_mid_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    confidence, is_noisy = _noise_case()
+    path = tmp_path / "hist.png"
+    plot_confidence_histogram(confidence, is_noisy, path, threshold=0.5)
+    before = path.read_bytes()
+    np.savez(tmp_path / "case.npz", confidence=confidence, is_noisy=is_noisy)
+    # the disk fills up after 4 KiB of the new PNG (the old one is larger, so only a partial write can fail)
+    done = run_on_a_full_disk(
+        prepare=f"""
+            import numpy as np
+            from fat_distill.evaluate import plot_confidence_histogram
+            case = np.load({str(tmp_path / "case.npz")!r})
+        """,
+        write=f"plot_confidence_histogram(case['confidence'], case['is_noisy'], {str(path)!r})",
+        limit_bytes=4096)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["errno", str(EFBIG)], done.stdout + done.stderr  # it failed while writing
+    assert path.read_bytes() == before  # the final name still holds the complete old picture
+    assert _temporary_files(path) == []

@@ -54,7 +54,9 @@ def test_pipeline_caches_every_stage_and_reruns_only_what_changed(tmp_path):
     assert "config section changed" in third["stages"]["student.distilled"]["why"]
 
 
-def test_device_slots_are_never_oversubscribed(tmp_path):
+def test_one_runs_stages_spread_over_both_devices_one_at_a_time(tmp_path):
+    """The in-process scheduler (run.json's slot times, written by the stage task itself); the Prefect limit
+    between processes is tested by test_a_device_slot_is_never_held_by_two_processes_at_once."""
     config = tiny_config(tmp_path, run={"devices": ["cpu", "cpu"], "max_tasks_per_device": 1},
                          teacher={"rounds": 1, "scoring": "oof", "folds": 2},
                          baselines=["ce", "ce_triplet"])
@@ -70,6 +72,137 @@ def test_device_slots_are_never_oversubscribed(tmp_path):
             assert start_b >= end_a, f"device {device} ran {a} and {b} at the same time"
     folds = [n for n in run_json["stages"] if ".fold" in n]
     assert len(folds) == 2
+
+
+def test_a_device_slot_is_never_held_by_two_processes_at_once(tmp_path):
+    """Two OS processes on one Prefect home (two `fat-distill run` in one project) want the only slot of the same
+    device. The second starts (``create_limits``, which frees slots of killed runs) while the first holds it; the
+    first is then killed holding it, and the waiting second must free that dead slot and take it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+
+    from flows.slot_holders import FOLDER
+
+    prefix = f"test-processes-{uuid.uuid4().hex[:8]}"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    first_out, second_out, second_ready = tmp_path / "first.json", tmp_path / "second.json", tmp_path / "second.ready"
+
+    def holder(*args):
+        return subprocess.Popen([sys.executable, "-m", "tests.device_slot_holder", prefix, *map(str, args)],
+                                env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # a process group: SIGKILL takes its embedded server too
+
+    def wait_for(path, process):
+        deadline = time.monotonic() + 240
+        while not path.exists():
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, f"{path.name} never appeared"
+            time.sleep(0.05)
+
+    first = holder(first_out, "--hold-until", tmp_path / "never")
+    processes = [first]
+    try:
+        wait_for(first_out.with_suffix(".holding"), first)
+        held_from = time.time()
+        second = holder(second_out, "--ready", second_ready)
+        processes.append(second)
+        wait_for(second_ready, second)  # the second process's flow start is done: it asks for the slot now
+        time.sleep(3.0)
+        assert not second_out.with_suffix(".holding").exists(), "both processes held the device at once"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        killed_at = time.time()
+        output = second.communicate(timeout=240)[0]
+        assert second.returncode == 0, output
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    second_held = json.loads(second_out.read_text())
+    # The device was the first process's from held_from until it died; the second got it only afterwards.
+    assert held_from < killed_at <= second_held["got"] <= second_held["released"]
+    # The killed process's record was cleared when its slot was freed, the second's when it gave its slot back.
+    assert list((get_current_settings().home / FOLDER / f"{prefix}-0").iterdir()) == []
+
+
+def test_metrics_and_stage_summary_are_artifacts_of_the_flow_run(prefect_run):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    runs_root, run_id = prefect_run
+    run_json = load_run_json(runs_root / run_id)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_json["flow_run_id"]])))
+    by_key = defaultdict(list)
+    for artifact in artifacts:
+        by_key[artifact.key].append(artifact)
+
+    (table,) = by_key["retrieval-metrics"]
+    assert table.type == "table"
+    rows = {row.pop("method"): row for row in json.loads(table.data)}
+    retrieval = run_json["metrics"]["retrieval"]
+    assert set(rows) == {"distilled", "ce"}
+    for method, metrics in retrieval.items():
+        assert rows[method] == {name: round(value, 4) for name, value in metrics.items()}
+
+    (summary,) = by_key["run-summary"]
+    assert summary.type == "markdown" and f"# fat-distill run `{run_id}`" in summary.data
+    for name, entry in run_json["stages"].items():
+        assert f"| {name} | {entry['state']} |" in summary.data
+    auroc = run_json["metrics"]["noise_detection"]["all.auroc"]
+    assert f"auroc {auroc:.3f}" in summary.data
+
+    images = {artifact.data for artifact in artifacts if artifact.type == "image"}
+    plots = [p for p in (runs_root / run_id / "plots").glob("*.png")
+             if p.name.startswith(("cmc_", "confidence_", "noise_"))]  # the run's own, not later pictures
+    assert {f"cmc_{m}.png" for m in ("distilled", "ce")} <= {p.name for p in plots}
+    assert {p.resolve().as_uri() for p in plots} <= images
+
+
+def test_why_a_stage_ran_names_the_changed_input_and_the_changed_library_code(prefect_run, tmp_path, monkeypatch):
+    """Against the session's prefect_run (same runs root): the soft-label temperature changes, and so does the
+    evaluation code. The stage keys hash the library's source files: they are read from an edited copy of the
+    package here, the code that runs is unchanged."""
+    import shutil
+
+    from fat_distill.pipeline import keys
+    from tests.pipeline_configs import own_data_config
+
+    runs_root, _ = prefect_run
+    edited = tmp_path / "fat_distill"
+    shutil.copytree(keys.PACKAGE_ROOT, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "evaluate" / "retrieval.py", "a") as source:
+        source.write("\n# an edit of the evaluation code\n")
+    monkeypatch.setattr(keys, "PACKAGE_ROOT", edited)
+    keys.source_hash.cache_clear()
+    config = own_data_config(runs_root.parent)
+    config["teacher"]["temperature"] = 2.0
+    try:
+        run_id, _, run_json = run(config)
+    finally:
+        keys.source_hash.cache_clear()
+    stages = run_json["stages"]
+    assert {n for n, e in stages.items() if e["state"] == "ran"} == {
+        "soft_labels", "student.distilled", "evaluate.distilled", "evaluate.ce", "noise_report"}
+    assert stages["soft_labels"]["why"] == "its config section changed"
+    assert stages["student.distilled"]["why"] == "input soft_labels changed"
+    assert stages["evaluate.distilled"]["why"] == "input checkpoint changed, library code changed"
+    assert stages["evaluate.ce"]["why"] == stages["noise_report"]["why"] == "library code changed"
+    log = (runs_root / run_id / "run.log").read_text()
+    assert "stage evaluate.ce: ran (library code changed)" in log
 
 
 def test_unknown_config_key_is_named(tmp_path):

@@ -23,6 +23,7 @@ from fat_distill.manifests import (
     write_manifest,
 )
 from fat_distill.manifests.schemas import METADATA_KEY
+from tests.helpers import EFBIG, run_on_a_full_disk
 
 
 def dataset_frame(n_ids: int = 4, per_id: int = 3) -> pd.DataFrame:
@@ -129,7 +130,7 @@ def test_string_hash_is_unambiguous():
     assert content_hash(t1) != content_hash(t2)
 
 
-def test_write_is_atomic_and_failed_write_leaves_old_file(tmp_path):
+def test_invalid_rows_are_refused_before_anything_is_written(tmp_path):
     path = tmp_path / "m.parquet"
     write_manifest(dataset_frame(), path, "dataset", stage="unit")
     before = path.read_bytes()
@@ -139,6 +140,32 @@ def test_write_is_atomic_and_failed_write_leaves_old_file(tmp_path):
         write_manifest(bad, path, "dataset", stage="unit")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]  # no temp files left
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])
+def test_write_interrupted_by_a_full_disk_leaves_no_partial_manifest(tmp_path, existing):
+    path = tmp_path / "m.parquet"
+    if existing:
+        write_manifest(dataset_frame(), path, "dataset", stage="unit")
+    before = path.read_bytes() if existing else None
+    # 2,000 rows of long unique paths compress to far more than the 16 KiB the disk has left
+    done = run_on_a_full_disk(
+        prepare="""
+            from fat_distill.manifests import write_manifest
+            from tests.test_manifests import dataset_frame
+            frame = dataset_frame(n_ids=500, per_id=4)
+            frame["path"] = [f"{p}/{i:032x}.jpg" for i, p in enumerate(frame["path"])]
+        """,
+        write=f"write_manifest(frame, {str(path)!r}, 'dataset', stage='unit')",
+        limit_bytes=16 * 1024)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["errno", str(EFBIG)], done.stdout + done.stderr  # pyarrow failed while writing
+    if existing:
+        assert path.read_bytes() == before
+        read_manifest(path, "dataset")  # still the complete old manifest
+    else:
+        assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["m.parquet"] if existing else [])  # no temp file left
 
 
 def test_parent_ref_points_at_content(tmp_path):

@@ -176,7 +176,37 @@ def test_jlml_returns_per_branch_logits_and_concatenated_features() -> None:
     assert model.global_head.classifier is not model.local_head.classifier
 
 
-def test_jlml_local_branch_depends_only_on_its_stripes_and_options_are_checked() -> None:
+@pytest.mark.parametrize("share", [False, True], ids=["own_weights", "shared_weights"])
+def test_each_jlml_stripe_map_depends_only_on_its_own_rows(share: bool) -> None:
+    # 92 rows: the shared map's 46 rows split 12/12/11/11 (tensor_split), not evenly
+    backbone = build_model("jlml", num_classes=3, width=4, num_stripes=4, share_stripe_weights=share).eval().backbone
+    shared = {}
+    backbone.shared.register_forward_hook(lambda module, inputs, output: shared.update(map=output))
+    images = torch.randn(2, 3, 92, 40)
+
+    _, stripe_maps = backbone(images)
+    rows = shared["map"].shape[2]
+    bounds = torch.tensor_split(torch.arange(rows), 4)
+    for k, stripe in enumerate(stripe_maps):
+        (grad,) = torch.autograd.grad(stripe.square().sum(), shared["map"], retain_graph=True)
+        touched = grad.abs().sum(dim=(0, 1, 3)) > 0  # per row of the shared map
+        own = torch.zeros(rows, dtype=torch.bool)
+        own[bounds[k]] = True
+        assert not touched[~own].any(), f"stripe {k} uses rows {torch.nonzero(touched & ~own).flatten().tolist()}"
+        assert touched[own].any(), f"stripe {k} does not use its own rows"
+
+    # Changing the image's top quarter (and the shared layers' reach below it) leaves the bottom stripes alone.
+    changed = images.clone()
+    changed[:, :, :20] = torch.randn(2, 3, 20, 40)
+    with torch.no_grad():
+        _, before = backbone(images)
+        _, after = backbone(changed)
+    assert not torch.allclose(before[0], after[0])
+    for k in (2, 3):
+        torch.testing.assert_close(after[k], before[k])
+
+
+def test_jlml_stripe_options_are_checked() -> None:
     model = build_model("jlml", num_classes=3, width=4, num_stripes=4, share_stripe_weights=True).eval()
     assert len(model.backbone.stripe_branches) == 1
     assert len(build_model("jlml", num_classes=3, width=4).backbone.stripe_branches) == 4

@@ -166,7 +166,7 @@ def test_cli_index_records_permission_and_validate_checks_paths(tmp_path):
     out = tmp_path / "ds.parquet"
 
     refused = runner.invoke(app, ["data", "index", str(root), "--layout", "folders", "--out", str(out)])
-    assert refused.exit_code != 0 and "--allow-outside-root" in refused.output and not out.exists()
+    assert refused.exit_code == 2 and "--allow-outside-root" in refused.output and not out.exists()
 
     granted = runner.invoke(app, ["data", "index", str(root), "--layout", "folders", "--out", str(out),
                                   "--allow-outside-root"])
@@ -233,7 +233,7 @@ def test_cli_run_refuses_a_linked_dataset_until_allowed(tmp_path):
 
     refused = runner.invoke(app, ["run", str(path), "--direct"])
     output = " ".join(refused.output.split())
-    assert refused.exit_code != 0
+    assert refused.exit_code == 2
     assert "symlinked folder that leads outside the dataset root" in output and "--allow-outside-root" in output
 
     done = runner.invoke(app, ["run", str(path), "--direct", "--allow-outside-root"])

@@ -23,7 +23,6 @@ from fat_distill.evaluate import (
 )
 from fat_distill.evaluate.pictures import MATCH_COLOUR, MISMATCH_COLOUR, QUERY_COLOUR
 from tests.helpers import write_identity_images
-from tests.pipeline_configs import tiny_config
 
 WHITE = (255, 255, 255)
 TILE = (48, 24)
@@ -176,37 +175,13 @@ def test_embedding_map_rejects_bad_input(tmp_path):
 runner = CliRunner()
 
 
-def pictures_config(root: Path) -> dict:
-    """The tiny config on its own synthetic data: Prefect's cache is shared by the test session, and
-    tests/test_flows.py expects its first tiny run to compute every stage."""
-    config = tiny_config(root)
-    return tiny_config(root, data={"synth": {**config["data"]["synth"], "seed": 11}})
-
-
 def invoke(*args: str):
     from fat_distill.cli import app
 
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def prefect_run(tmp_path_factory):
-    from fat_distill.pipeline import PipelineConfig, validate_config
-    from flows.pipeline import run_pipeline
-
-    root = tmp_path_factory.mktemp("prefect_run")
-    config = validate_config(PipelineConfig, pictures_config(root))
-    run_id, _ = run_pipeline(config)
-    return root / "runs", run_id
-
-
-@pytest.fixture(scope="module")
-def direct_run(tmp_path_factory):
-    from fat_distill.pipeline import PipelineConfig, run_direct, validate_config
-
-    root = tmp_path_factory.mktemp("direct_run")
-    run_id, _ = run_direct(validate_config(PipelineConfig, pictures_config(root)))
-    return root / "runs", run_id
+# prefect_run and direct_run: session fixtures in tests/conftest.py (one tiny run each, shared with other tests).
 
 
 @pytest.mark.slow
@@ -259,6 +234,29 @@ def test_inspect_pictures_of_a_direct_run_has_nothing_to_attach(direct_run):
     assert again.exit_code == 0, again.output
     assert "no Prefect flow run" in again.output
     assert len(list((plots / "ranked" / "ce").glob("*.png"))) == 1
+
+
+@pytest.mark.slow
+def test_inspect_pictures_draws_the_chosen_query_ids_in_their_order(direct_run):
+    from fat_distill.manifests import read_manifest
+
+    runs_root, run_id = direct_run
+    dataset = read_manifest(runs_root.parent / "manifests" / run_id / "dataset_noisy.parquet", "dataset")
+    queries = dataset.loc[dataset["split"] == "query", "sample_id"].tolist()
+    chosen = [queries[-1], queries[0]]  # not the manifest's order
+    result = invoke("inspect", run_id, "--runs-root", runs_root, "--pictures", "--method", "ce", "--topk", 3,
+                    "--query-id", chosen[0], "--query-id", chosen[1], "--json")
+    assert result.exit_code == 0, result.output
+    rows = [Path(p).name for p in json.loads(result.stdout)["pictures"]["rows"]]
+    stems = [Path(q).stem for q in chosen]
+    assert len(rows) == 2 and rows[0].startswith("q000_") and rows[1].startswith("q001_")
+    assert stems[0] in rows[0] and stems[1] in rows[1], (rows, chosen)
+
+    unknown = invoke("inspect", run_id, "--runs-root", runs_root, "--pictures", "--method", "ce",
+                     "--query-id", "query/no_such_image.png")
+    assert unknown.exit_code == 2
+    assert "not query rows of the dataset" in " ".join(unknown.output.split())
+    assert "query/no_such_image.png" in unknown.output
 
 
 @pytest.mark.slow

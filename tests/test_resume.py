@@ -1,5 +1,6 @@
 """A run killed with SIGKILL in the middle of a teacher round, and again in the student stage, resumes
-to the same manifests (content hashes) and metrics as an uninterrupted run with the same seed."""
+to the same manifests (content hashes) and metrics as an uninterrupted run with the same seed, and
+each interrupted stage continued from its last epoch checkpoint (run.json and run.log say from which)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ pytestmark = pytest.mark.slow
 FAT_DISTILL = shutil.which("fat-distill", path=str(Path(sys.executable).parent))
 
 
+EPOCHS = 4
+
+
 def write_config(root: Path) -> Path:
-    train = {**TRAIN, "image_size": [64, 32], "epochs": 4}
+    train = {**TRAIN, "image_size": [64, 32], "epochs": EPOCHS}
     config = tiny_config(root, data={"synth": {"identities": 24, "cameras": 3, "images_per_identity": 8,
                                                 "size": [64, 32], "distractors": 2, "junk": 1, "seed": 0}},
                          teacher={"rounds": 1, "train": train}, student={"train": train}, baselines=[])
@@ -89,12 +93,27 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     resume = [FAT_DISTILL, "resume", run_id, "--runs-root", str(runs_root)]
     assert kill_during(resume, env, runs_root, "student.distilled", "student/distilled") == run_id
+    # The same seed would give the same hashes if the teacher had started over: the run says where it continued.
+    _, data = run_json(runs_root)
+    teacher = data["stages"]["teacher.round0"]
+    assert teacher["state"] == "ran"
+    assert 1 <= teacher["resumed_from_epoch"] < EPOCHS
+    assert teacher["ran_epochs"] == EPOCHS - teacher["resumed_from_epoch"]  # fewer than a fresh start
     done = subprocess.run(resume, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     _, data = run_json(runs_root)
     assert data["status"] == "completed" and data["attempts"] == 3
     assert data["stages"]["data"]["state"] == "cached"
-    assert data["stages"]["student.distilled"]["state"] == "ran"
+    student = data["stages"]["student.distilled"]
+    assert student["state"] == "ran"
+    assert 1 <= student["resumed_from_epoch"] < EPOCHS
+    assert student["ran_epochs"] == EPOCHS - student["resumed_from_epoch"]
+    # taken from cache this time: the second attempt's resume is not reported as this attempt's
+    assert data["stages"]["teacher.round0"]["state"] == "cached"
+    assert data["stages"]["teacher.round0"].get("resumed_from_epoch") is None
+    log = (runs_root / run_id / "run.log").read_text()
+    assert f"stage teacher.round0 resumed from epoch {teacher['resumed_from_epoch']}" in log
+    assert f"stage student.distilled resumed from epoch {student['resumed_from_epoch']}" in log
 
     ref_manifests = reference_root / "manifests" / ref_id
     new_manifests = killed_root / "manifests" / run_id

@@ -117,8 +117,19 @@ def test_resolve_device():
 
 
 def test_cuda_settings_pick_amp_and_channels_last():
+    # A torch.device("cuda") object needs no GPU: these are the choices a CUDA stage would run with.
+    for device in (torch.device("cuda"), torch.device("cuda", 1)):
+        s = device_settings(device)
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        assert s.device == device and s.amp_dtype == expected
+        assert s.channels_last and s.pin_memory and s.non_blocking
+    off = device_settings(torch.device("cuda"), amp=False, channels_last=False)
+    assert off.amp_dtype is None and not off.channels_last and off.pin_memory  # overrides win, copies stay pinned
+
+
+def test_cpu_settings_are_plain_float32_unless_amp_is_forced():
     s = device_settings(torch.device("cpu"))
-    assert s.amp_dtype is None and not s.channels_last and not s.pin_memory
+    assert s.amp_dtype is None and not s.channels_last and not s.pin_memory and not s.non_blocking
     forced = device_settings(torch.device("cpu"), amp=True)
     assert forced.amp_dtype == torch.bfloat16
 

@@ -9,6 +9,7 @@ from typing import Any
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.graph import StageCall, run_graph
 from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id
+from fat_distill.pipeline.stages import log_resume, split_training, training_entry
 from fat_distill.train import resolve_device, set_cpu_threads
 
 
@@ -39,8 +40,11 @@ class DirectExecutor:
         except BaseException as exc:
             self.state.stage(call.name, state="failed", error=str(exc), seconds=time.perf_counter() - started)
             raise
-        self.state.stage(call.name, state="ran", why="direct run (no cache)", outputs=out,
-                         seconds=round(time.perf_counter() - started, 2))
+        outputs, training = split_training(out)
+        self.state.stage(call.name, state="ran", why="direct run (no cache)", outputs=outputs,
+                         seconds=round(time.perf_counter() - started, 2),
+                         **training_entry(self.state.stage_entry(call.name), training))
+        log_resume(call.name, training)
         return _Done(out)
 
 

@@ -29,10 +29,38 @@ from fat_distill.distill import (
 )
 from fat_distill.manifests import parent_ref, read_manifest, read_manifest_meta, write_manifest
 from fat_distill.pipeline.config import DataSection, NoiseSection
+from fat_distill.train import recording_fits, summarise_fits
 
 log = logging.getLogger("fat_distill.pipeline")
 
 Outputs = dict[str, str]
+
+#: Output fields that say how a training stage's call went (not files): see :func:`split_training`.
+TRAINING_FIELDS = ("resumed_from_epoch", "ran_epochs")
+
+
+def split_training(outputs: dict) -> tuple[dict, dict]:
+    """A stage's outputs without, and with only, its :data:`TRAINING_FIELDS`.
+
+    They describe the call that computed the outputs (it continued from the checkpoint of
+    epoch ``resumed_from_epoch`` and trained ``ran_epochs`` epochs), so a run records them
+    only when the stage ran, never when its result came from cache.
+    """
+    files = {k: v for k, v in outputs.items() if k not in TRAINING_FIELDS}
+    training = {k: outputs[k] for k in TRAINING_FIELDS if k in outputs}
+    return files, training
+
+
+def training_entry(previous: dict, training: dict) -> dict:
+    """The run.json fields to set for a stage call: ``training``, and None over a previous attempt's values."""
+    return {**{k: None for k in TRAINING_FIELDS if previous.get(k) is not None}, **training}
+
+
+def log_resume(stage: str, training: dict) -> None:
+    """Say in the run's log that ``stage`` continued from an epoch checkpoint (not when it started over)."""
+    if training.get("resumed_from_epoch"):
+        log.info("stage %s resumed from epoch %d (trained %d more epoch(s))", stage,
+                 training["resumed_from_epoch"], training.get("ran_epochs", 0))
 
 
 def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
@@ -126,21 +154,23 @@ def teacher_fold_stage(dataset: str | Path, previous_round: str | None, config: 
                        fold: int, work_dir: str | Path, device: str = "auto", progress: bool = False,
                        tensorboard_dir: str | None = None) -> Outputs:
     """Train one out-of-fold teacher model of a round (folds are independent: schedule them in parallel)."""
-    checkpoint = run_teacher_fold(dataset, previous_round, config, round, fold, work_dir, device, progress=progress,
-                                  tensorboard_dir=tensorboard_dir)
-    return {"checkpoint": str(checkpoint)}
+    with recording_fits() as fits:
+        checkpoint = run_teacher_fold(dataset, previous_round, config, round, fold, work_dir, device,
+                                      progress=progress, tensorboard_dir=tensorboard_dir)
+    return {"checkpoint": str(checkpoint), **summarise_fits(fits)}
 
 
 def teacher_round_stage(dataset: str | Path, previous_round: str | None, config: TeacherConfig, round: int,
                         work_dir: str | Path, device: str = "auto", progress: bool = False,
                         tensorboard_dir: str | None = None) -> Outputs:
     """Run one teacher round (training, or reusing finished fold models) and score every train sample."""
-    path = run_teacher_round(dataset, previous_round, config, round, work_dir, device, progress=progress,
-                             tensorboard_dir=tensorboard_dir)
+    with recording_fits() as fits:
+        path = run_teacher_round(dataset, previous_round, config, round, work_dir, device, progress=progress,
+                                 tensorboard_dir=tensorboard_dir)
     meta = read_manifest_meta(path)
     return {"teacher_round": str(path), "change": meta.extra.get("change"),
             "confident_fraction": meta.extra.get("confident_fraction"),
-            "checkpoints": [str(p) for p in teacher_checkpoints(work_dir, round, config)]}
+            "checkpoints": [str(p) for p in teacher_checkpoints(work_dir, round, config)], **summarise_fits(fits)}
 
 
 def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints: list[str], config: TeacherConfig,
@@ -154,10 +184,11 @@ def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints:
 def student_stage(dataset: str | Path, soft_labels: str | None, config: StudentConfig, work_dir: str | Path,
                   device: str = "auto", progress: bool = False, tensorboard_dir: str | None = None) -> Outputs:
     """Train the distilled student or a baseline (``config.method``)."""
-    result = train_student(dataset, config, work_dir, device,
-                           soft_labels_manifest=soft_labels if config.method == "distilled" else None,
-                           progress=progress, tensorboard_dir=tensorboard_dir)
-    return {"checkpoint": str(result.checkpoint), "method": config.method}
+    with recording_fits() as fits:
+        result = train_student(dataset, config, work_dir, device,
+                               soft_labels_manifest=soft_labels if config.method == "distilled" else None,
+                               progress=progress, tensorboard_dir=tensorboard_dir)
+    return {"checkpoint": str(result.checkpoint), "method": config.method, **summarise_fits(fits)}
 
 
 def evaluate_stage(dataset: str | Path, checkpoint: str | Path, config: StudentConfig, work_dir: str | Path,
@@ -185,6 +216,7 @@ def label_audit_stage(dataset: str | Path, rounds: list[str], work_dir: str | Pa
 
 
 __all__ = [
-    "Outputs", "data_stage", "evaluate_stage", "label_audit_stage", "noise_report_stage", "noise_stage", "round_manifest_path",
-    "soft_labels_stage", "student_stage", "teacher_fold_stage", "teacher_round_stage",
+    "Outputs", "data_stage", "evaluate_stage", "label_audit_stage", "log_resume", "noise_report_stage", "noise_stage",
+    "round_manifest_path", "soft_labels_stage", "split_training", "student_stage", "teacher_fold_stage",
+    "teacher_round_stage", "training_entry",
 ]

@@ -30,6 +30,7 @@ from fat_distill.train.objectives import (
     SampleTable,
     build_objective,
 )
+from fat_distill.train.record import recording_fits, summarise_fits
 
 __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
@@ -37,5 +38,6 @@ __all__ = [
     "NonFiniteLossError", "Objective", "SampleTable", "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData",
     "TrainingSetup", "build_objective", "build_train_data", "describe_model", "device_settings", "fit",
     "fit_distributed", "is_data_parallel", "latest_checkpoint", "load_checkpoint", "read_history", "read_model_card",
-    "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest", "write_history",
+    "recording_fits", "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
+    "summarise_fits", "write_history",
 ]

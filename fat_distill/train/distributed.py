@@ -80,6 +80,7 @@ from fat_distill.train.loop import (
     restore_training_state,
 )
 from fat_distill.train.objectives import Objective
+from fat_distill.train.record import record_fit
 
 log = logging.getLogger("fat_distill.train")
 
@@ -243,9 +244,10 @@ def fit_distributed(
     for epoch, stats in enumerate(done["history"][done["resumed_from_epoch"]:], start=done["resumed_from_epoch"]):
         log.info("%s: epoch %d/%d %s", stage, epoch + 1, config.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-    return FitResult(history=done["history"], final_checkpoint=Path(done["final_checkpoint"]),
-                     resumed_from_epoch=done["resumed_from_epoch"], ran_epochs=done["ran_epochs"],
-                     extra={"world_size": world_size, "backend": backend, "state_digests": done["state_digests"]})
+    return record_fit(FitResult(
+        history=done["history"], final_checkpoint=Path(done["final_checkpoint"]),
+        resumed_from_epoch=done["resumed_from_epoch"], ran_epochs=done["ran_epochs"],
+        extra={"world_size": world_size, "backend": backend, "state_digests": done["state_digests"]}))
 
 
 def _free_port() -> int:

@@ -37,6 +37,7 @@ from fat_distill.train.device import DeviceSettings
 from fat_distill.train.history import EpochRecorder, history_path, write_history
 from fat_distill.train.model_card import MODEL_CARD_KEY, store_model_card
 from fat_distill.train.objectives import Objective
+from fat_distill.train.record import record_fit
 
 log = logging.getLogger("fat_distill.train")
 
@@ -232,8 +233,8 @@ def fit(
         recorder.close()
     save_checkpoint(final_path, final_state(cfg_hash, stage, model, objective, history, model_card))
     log.info("%s: trained %d epoch(s), weights in %s", stage, config.epochs - start_epoch, final_path)
-    return FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
-                     ran_epochs=config.epochs - start_epoch)
+    return record_fit(FitResult(history=history, final_checkpoint=final_path, resumed_from_epoch=start_epoch,
+                                ran_epochs=config.epochs - start_epoch))
 
 
 def load_finished(checkpoint_dir: Path, cfg_hash: str, map_location: str | torch.device) -> dict[str, Any] | None:
