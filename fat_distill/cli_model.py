@@ -86,6 +86,9 @@ def register(app: typer.Typer) -> None:
             help="Embed every image under this folder (recursively: jpg, jpeg, png, bmp, webp).")] = None,
         manifest: Annotated[Optional[Path], typer.Option(
             help="Embed every row of this dataset manifest (its paths are relative to its dataset root).")] = None,
+        root: Annotated[Optional[Path], typer.Option(
+            help="--manifest: the folder its paths are relative to (needed for a manifest written back by "
+                 "pandas, Polars or DuckDB, which records no dataset root).")] = None,
         method: MethodOption = "distilled",
         batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
         device: DeviceOption = "cpu",
@@ -104,6 +107,8 @@ def register(app: typer.Typer) -> None:
 
             if (folder is None) == (manifest is None):
                 raise ValueError("give exactly one of --folder DIR or --manifest FILE")
+            if root is not None and manifest is None:
+                raise ValueError("--root goes with --manifest (a --folder is its own root)")
             if folder is not None:
                 files = find_images(folder)
                 sample_ids = [f.relative_to(folder).as_posix() for f in files]
@@ -111,7 +116,7 @@ def register(app: typer.Typer) -> None:
             else:
                 from fat_distill.distill import load_dataset
 
-                dataset = load_dataset(manifest)
+                dataset = load_dataset(manifest, root=root)
                 if dataset.frame.empty:
                     raise ValueError(f"{manifest} has no rows to embed")
                 files = [dataset.root / p for p in dataset.frame["path"].astype(str)]

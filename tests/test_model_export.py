@@ -267,6 +267,20 @@ def test_cli_embed_a_dataset_manifest_keeps_its_sample_ids(trained, tmp_path):
     assert read_embeddings_card(feats).method == "ce_triplet"
 
 
+def test_cli_embed_a_manifest_written_back_by_pandas_with_its_root(trained, tmp_path):
+    import pandas as pd
+
+    edited = tmp_path / "edited.parquet"
+    pd.read_parquet(trained["manifest"]).head(5).to_parquet(edited)  # pandas keeps no dataset root
+    feats = tmp_path / "feats.parquet"
+    result = invoke("embed", trained["run_id"], "--manifest", edited, "--out", feats, "--runs-root", trained["runs"])
+    assert result.exit_code == 2 and "data.root" in result.output and not feats.exists()
+    result = invoke("embed", trained["run_id"], "--manifest", edited, "--root", trained["dataset"], "--out", feats,
+                    "--runs-root", trained["runs"])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(feats).num_rows == 5
+
+
 @pytest.fixture()
 def bad(trained, tmp_path):
     """Bad inputs: a folder without images, a file where a folder should be, a checkpoint without card,
