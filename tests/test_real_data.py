@@ -256,3 +256,72 @@ def test_labels_export_refuses_an_unknown_format_and_an_unwritable_folder(finish
     result = _export(config, run_id, "--out", str(blocker / "labels.parquet"))
     assert result.exit_code == 2 and "Traceback" not in result.output and "not-a-folder" in result.output
     assert blocker.read_text() == ""
+
+
+# --------------------------------------------------------------------------- the whole journey
+
+@pytest.mark.slow
+def test_a_users_journey_from_noisy_folder_to_embeddings_of_new_images(tmp_path):
+    """Folder without truth → run → labels export → drop flagged rows in pandas → run on the edited manifest →
+    TorchScript export → embed new images: the same embeddings as the library's own feature extraction."""
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from fat_distill.export import load_torchscript
+    from fat_distill.inference import embed_images, load_student
+
+    root = _folders_dataset(tmp_path, identities=10, per_identity=5)
+    new_photos = tmp_path / "new_photos"
+    new_photos.mkdir()
+    for image in sorted(root.glob("person_a/*.png"))[:2] + sorted(root.glob("person_e/*.png"))[:1]:
+        (new_photos / f"{image.parent.name}_{image.name}").write_bytes(image.read_bytes())
+    config = tiny_config(tmp_path, data={"source": "folder", "root": str(root), "layout": "folders",
+                                         "split_identities": 0.3},
+                         noise={"enabled": False}, baselines=["ce_triplet"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    runs = config["run"]["runs_root"]
+
+    def cli(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    cli("run", tmp_path / "c.yaml", "--direct")
+    first = (tmp_path / "runs" / "latest").read_text().strip()
+    cli("labels", "export", "latest", "--include-test", "--out", tmp_path / "labels.parquet", "--runs-root", runs)
+    labels = pd.read_parquet(tmp_path / "labels.parquet")
+    kept = labels[labels["flagged"] != True]  # noqa: E712 - test rows have no flag (null): kept
+    assert 0 < (labels["flagged"] == True).sum() < len(labels)  # noqa: E712
+    kept.to_parquet(tmp_path / "clean.parquet")  # pandas: the fat_distill metadata is gone
+
+    cli("run", tmp_path / "c.yaml", "--direct", "--set", "data.source=manifest",
+        "--set", f"data.manifest={tmp_path / 'clean.parquet'}", "--set", f"data.root={root}")
+    second = (tmp_path / "runs" / "latest").read_text().strip()
+    assert second != first
+    dataset = read_manifest(f"{config['run']['manifests_root']}/{second}/dataset_noisy.parquet")
+    assert set(dataset["sample_id"]) == set(kept["sample_id"])
+    assert load_run_json(f"{runs}/{second}")["status"] == "completed"
+
+    cli("export", "latest", "--format", "torchscript", "--out", tmp_path / "model.pt", "--runs-root", runs)
+    cli("embed", "latest", "--folder", new_photos, "--out", tmp_path / "features.parquet", "--runs-root", runs)
+    table = pq.read_table(tmp_path / "features.parquet")
+    embedded = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    assert embedded.shape[0] == 3
+    np.testing.assert_allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)
+
+    # the evaluation's own feature extraction, with the image size and flip test of the run's saved config
+    from fat_distill.evaluate import extract_manifest_features
+
+    model = load_student(second, "distilled", runs)
+    student_cfg = PipelineConfig.model_validate(yaml.safe_load((tmp_path / "runs" / second / "config.yaml")
+                                                               .read_text())).student
+    ids = table.column("sample_id").to_pylist()
+    frame = pd.DataFrame({"sample_id": ids, "path": ids, "pid": 1, "camid": -1, "split": "query"})
+    library = extract_manifest_features(model, frame, new_photos, image_size=tuple(student_cfg.train.image_size),
+                                        batch_size=8, device="cpu", flip=student_cfg.flip_test)
+    np.testing.assert_allclose(embedded, library.numpy(), atol=1e-5)
+    np.testing.assert_allclose(embed_images(model, [new_photos / i for i in ids]).numpy(), library.numpy(), atol=1e-5)
+    scripted, card = load_torchscript(tmp_path / "model.pt")
+    h, w = card.image_size
+    assert tuple(scripted(torch.rand(2, 3, h, w)).shape) == (2, card.embedding_dim)
