@@ -327,3 +327,67 @@ def test_gathered_squared_distances_match_explicit_differences(normalize, scaled
                                torch.autograd.grad((expected * weights).sum(), x)[0])
     with pytest.raises(ValueError, match="same table row twice"):
         gathered_squared_distances(x, table, torch.zeros(5, 2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the training objective
+
+
+def _train(tmp_path, frame, ckpt: str, negatives: str, **fit_kwargs):
+    from fat_distill.models import build_model
+    from fat_distill.train import TrainConfig, build_objective, build_train_data, device_settings, fit
+
+    config = TrainConfig(image_size=(32, 16), epochs=3, batch_p=3, batch_k=2, lr=1e-3, warmup_epochs=0.5, pad=2,
+                         seed=3)
+    data = build_train_data(frame, tmp_path, config)
+    torch.manual_seed(config.seed)
+    model = build_model("small_cnn", data.num_classes, embedding_dim=16)
+    objective = build_objective("fat_hybrid", model=model, num_classes=data.num_classes,
+                                num_samples=len(data.dataset), image_size=config.image_size,
+                                fat_negatives=negatives, fat_k=2, fat_shortlist_refresh=2, fat_aggregation="topk")
+    result = fit(model, objective, data.dataset, data.batch_sampler, config=config,
+                 settings=device_settings(torch.device("cpu")), checkpoint_dir=tmp_path / ckpt, stage="unit",
+                 feature_dataset=data.feature_dataset, progress=False, **fit_kwargs)
+    return model, objective, result
+
+
+def test_build_objective_wires_the_negative_set_into_loss_and_banks():
+    from fat_distill.distill.config import StudentConfig
+    from fat_distill.models import build_model
+    from fat_distill.train import build_objective
+
+    model = build_model("small_cnn", 4, embedding_dim=8)
+    objective = build_objective("fat_hybrid", model=model, num_classes=4, num_samples=10, image_size=(32, 16),
+                                fat_negatives="centre_shortlist", fat_k=3, fat_shortlist_refresh=7)
+    fat, bank = objective.hybrid.fat, objective.bank("")
+    assert (fat.negatives, fat.k, bank.shortlist_k, bank.shortlist_refresh) == ("centre_shortlist", 3, 3, 7)
+    default = build_objective("fat_hybrid", model=model, num_classes=4, num_samples=10, image_size=(32, 16))
+    assert default.hybrid.fat.negatives == "all_centres" and default.bank("").shortlist_k == 0
+    config = StudentConfig()
+    assert (config.fat_negatives, config.fat_k, config.fat_shortlist_refresh) == ("all_centres", 5, 100)
+    with pytest.raises(ValueError, match="fat_negatives"):
+        StudentConfig(fat_negatives="nearest")
+
+
+def test_a_shortlist_run_resumes_to_identical_weights_and_lists(tmp_path):
+    from tests.helpers import write_identity_images
+
+    frame = write_identity_images(tmp_path, identities=6, per_identity=6)
+    straight, straight_objective, _ = _train(tmp_path, frame, "straight", "centre_shortlist")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, stats):
+        if epoch == 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _train(tmp_path, frame, "resumed", "centre_shortlist", on_epoch_end=stop_after_first)
+    resumed, resumed_objective, result = _train(tmp_path, frame, "resumed", "centre_shortlist")
+    assert result.resumed_from_epoch == 1
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    bank, again = straight_objective.bank(""), resumed_objective.bank("")
+    assert torch.equal(bank.shortlist, again.shortlist) and int(bank.shortlist_age) == int(again.shortlist_age)
+    assert (bank.shortlist[bank.valid] >= 0).all()  # every identity's list was built
+
