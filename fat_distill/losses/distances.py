@@ -230,10 +230,11 @@ def gathered_squared_distances(
             f"gathered_squared_distances: present must be a bool tensor of shape {tuple(index.shape)}, "
             f"got {present.dtype} {tuple(present.shape)}"
         )
-    if present.any() and (int(index[present].min()) < 0 or int(index[present].max()) >= table.shape[0]):
-        raise ValueError(f"gathered_squared_distances: present index entries must lie in [0, {table.shape[0]})")
-    if index.shape[1] == 0:
+    if index.numel() == 0:
         return x.new_zeros(index.shape) + 0.0 * x.sum()
+    low, high = torch.aminmax(index.masked_fill(~present, 0))
+    if int(low) < 0 or int(high) >= table.shape[0]:
+        raise ValueError(f"gathered_squared_distances: present index entries must lie in [0, {table.shape[0]})")
     table = table.detach().to(x.dtype).contiguous()
     return _GatheredSquaredDistances.apply(
         x.contiguous(), table, index, present, normalize_x,
