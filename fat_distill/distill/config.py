@@ -106,6 +106,15 @@ class StudentConfig(Section):
     fat_aggregation: Literal["hardest", "mean", "topk"] = "hardest"
     fat_cohesion: Literal["max_radius", "mean"] = "mean"
     fat_cohesion_weight: float = Field(0.1, ge=0)
+    fat_negatives: Literal["all_centres", "centre_shortlist", "batch_hardest"] = Field(
+        "all_centres", description="FAT's negatives: every other centre (exact); the fat_k centres nearest to the "
+                                   "sample's own centre (a short list, O(B·k·D) a step); or the fat_k nearest "
+                                   "in-batch samples of other identities (the reference code's default)")
+    fat_k: int = Field(5, ge=1, description="negatives per sample for centre_shortlist / batch_hardest, "
+                                            "and the k of fat_aggregation topk")
+    fat_shortlist_refresh: int = Field(
+        100, ge=1, description="centre_shortlist with centre_update ema: rebuild the centres' neighbour list every "
+                               "this many steps (epoch centres rebuild it at each refresh)")
     centre_update: Literal["ema", "epoch"] = Field(
         "ema", description="centres as an EMA bank updated each batch, or refreshed by a pass each epoch")
     centre_momentum: float = Field(0.9, ge=0, lt=1)

@@ -18,8 +18,9 @@ inputs are computed in float32 and the loss is float32; float64 stays float64.
 Losses:
 
 - :class:`FATLoss` (+ :meth:`FATLoss.normalised`) with a :class:`CentreBank` of
-  dataset-level centres; :class:`HybridFATLoss` adds cross-entropy (hard, smoothed
-  or soft teacher targets).
+  dataset-level centres; its negatives are every other centre, a per-class short
+  list of the nearest centres (O(B*k*D) a step), or the hardest in-batch samples;
+  :class:`HybridFATLoss` adds cross-entropy (hard, smoothed or soft teacher targets).
 - Baselines: :class:`BatchHardTripletLoss`, :class:`BatchAllTripletLoss`,
   :class:`ImprovedTripletLoss`, :class:`MarginSampleMiningLoss` (MSML),
   :class:`QuadrupletLoss`, :class:`ContrastiveLoss`,
@@ -42,13 +43,14 @@ from fat_distill.losses.centre_bank import (
     class_means,
     compute_centres,
     finish_centres,
+    nearest_centres,
 )
 from fat_distill.losses.centre_loss import CentreLoss
 from fat_distill.losses.classification import (
     LabelSmoothingCrossEntropy,
     SoftTargetCrossEntropy,
 )
-from fat_distill.losses.distances import distance_matrix, paired_distance
+from fat_distill.losses.distances import distance_matrix, gathered_squared_distances, paired_distance
 from fat_distill.losses.fat import FATLoss
 from fat_distill.losses.hybrid import HybridFATLoss
 from fat_distill.losses.margin_mining import MarginSampleMiningLoss, closest_pair
@@ -103,7 +105,9 @@ __all__ = [
     "compute_centres",
     "distance_matrix",
     "finish_centres",
+    "gathered_squared_distances",
     "hardest_foreign_pairs",
+    "nearest_centres",
     "pair_masks",
     "paired_distance",
 ]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fat_distill.losses.centre_bank import CENTRE_MODES, CentreBank
-from fat_distill.losses.distances import SQUARED_DISTANCE_FLOOR, squared_distance_matrix
+from fat_distill.losses.centre_bank import CENTRE_MODES, CentreBank, nearest_centres
+from fat_distill.losses.distances import SQUARED_DISTANCE_FLOOR, gathered_squared_distances, squared_distance_matrix
 from fat_distill.losses.output import (
     IdentityLoss,
     LossOutput,
@@ -21,6 +21,8 @@ from fat_distill.losses.output import (
 
 Aggregation = Literal["hardest", "mean", "topk"]
 Cohesion = Literal["max_radius", "mean"]
+Negatives = Literal["all_centres", "centre_shortlist", "batch_hardest"]
+NEGATIVES = ("all_centres", "centre_shortlist", "batch_hardest")
 
 
 def _root(squared: Tensor) -> Tensor:
@@ -33,17 +35,46 @@ class FATLoss(IdentityLoss):
     Bounds the triplet ``d(a,p) - d(a,n)`` by point-to-set distances to identity
     centres plus cluster radii, and minimises the bound::
 
-        p2s(i)  = agg_{k != y_i, k valid} [ d(f_i, c_{y_i}) - d(f_i, c_k) + margin ]_+
+        p2s(i)  = agg_{n in N(i)} [ d(f_i, c_{y_i}) - d(f_i, n) + margin ]_+
         L_coh   = max_i d(f_i, c_{y_i})        ("max_radius": largest radius among the
                                                 batch's clusters, the paper)
                 | mean_i d(f_i, c_{y_i})       ("mean": the authors' code)
         L_FAT   = mean_i p2s(i) + cohesion_weight * L_coh
 
+    The positive is always the sample's own centre. The negatives ``N(i)``
+    (``negatives``; the reference code's ``--neg-set``):
+
+    - ``"all_centres"`` (default, ``ctrdAll``): every other valid centre. Exact;
+      O(B*C*D): one (B, C) distance GEMM forward and one backward.
+    - ``"centre_shortlist"`` (``ctrdHM``): the ``k`` valid centres nearest to the
+      sample's *own class centre*, from the neighbour list a :class:`CentreBank`
+      keeps (``loss.new_centre_bank(...)`` builds one with ``k`` neighbours and
+      documents when the list is rebuilt). An approximation of ``"all_centres"``:
+      a centre close to the sample but not to its class centre is missed. O(B*k*D)
+      per step: each sample's k centres are gathered, no (B, C) matrix. With a
+      centre *tensor* instead of a bank the list is computed on every call
+      (O(C^2*D)), which is only meant for tests and small C.
+    - ``"batch_hardest"`` (``batchNeg``, the reference code's default): the ``k``
+      in-batch samples of other identities nearest to the sample, detached (no
+      gradient through the negative, as in the reference), measured between
+      normalised features when ``normalize``. O(B^2*D) for the mining GEMM (no
+      gradient) plus O(B*k*D). Needs no negative centre; a batch of one identity
+      has no negatives.
+
+    ``aggregation`` over ``N(i)``: ``"hardest"`` takes the negative nearest to the
+    sample; ``"mean"`` the mean over the *violating* ones (non-zero hinges, 0 if
+    none); ``"topk"`` the mean of the hinges at the ``k`` nearest to the sample.
+    With ``"centre_shortlist"`` and ``"batch_hardest"`` ``N(i)`` already holds
+    (at most) ``k`` negatives, so ``"topk"`` is the mean over all of them: the
+    reference code's reduction (``F.triplet_margin_loss`` averaged over its 5
+    negatives). Where a sample has fewer than ``k`` negatives (few valid centres,
+    padding in the list, few other identities in the batch) it averages over
+    those it has; the reference code instead cuts every sample of the batch to
+    the smallest such count.
+
     Centres are dataset-level and detached; gradient flows through the embeddings
-    only. Cost O(B*C*D): one distance GEMM forward and one backward, linear in the
-    number of identities; everything else is O(B*C). (Distances come from
-    ``|f|^2 + |c|^2 - 2 f.c``, so in float32 distances below ~1e-3 * |f| are
-    rounding noise; see ``squared_distance_matrix``.)
+    only. (Distances come from ``|f|^2 + |c|^2 - 2 f.c``, so in float32 distances
+    below ~1e-3 * |f| are rounding noise; see ``squared_distance_matrix``.)
 
     ``normalize=True, centre_mode=4, margin=0.1`` is normalised FAT; use
     :meth:`FATLoss.normalised`.
@@ -54,23 +85,23 @@ class FATLoss(IdentityLoss):
         centre_mode: which of the paper's centre modes the centres must have been
             built with (see ``CENTRE_MODES``); a :class:`CentreBank` with another
             mode is refused. Default: 4 if ``normalize`` else 1.
-        aggregation: over negative centres. ``"hardest"``: the nearest one.
-            ``"mean"``: mean over the *violating* centres (non-zero hinges), 0 if
-            none. ``"topk"``: mean of the hinges at the ``k`` nearest, or at all
-            valid negatives when there are fewer than ``k``.
-        k: number of negatives for ``"topk"`` (the reference code uses 5).
+        aggregation: ``"hardest"``, ``"mean"`` or ``"topk"`` (see above).
+        k: negatives per sample for ``"centre_shortlist"`` and ``"batch_hardest"``,
+            and for ``"topk"`` (the reference code uses 5).
         cohesion: ``"max_radius"`` or ``"mean"`` (see above).
-        cohesion_weight: lambda_coh (0.1 in the reference settings).
+        cohesion_weight: lambda_coh (reference code: 0.1 raw, 1.0 normalised).
+        negatives: ``"all_centres"``, ``"centre_shortlist"`` or ``"batch_hardest"``.
 
     Samples whose own class has no valid centre are skipped entirely; samples with
-    no valid negative centre contribute only to cohesion. ``mean_i`` is over the
-    samples that have a p2s term.
+    no negative contribute only to cohesion. ``mean_i`` is over the samples that
+    have a p2s term.
 
     Output (``compute``): ``per_sample`` is p2s(i); ``terms`` are ``{"p2s",
     "cohesion"}`` (cohesion weighted); ``active_fraction`` counts the hinge terms
-    the aggregation looked at (one per sample for hardest, k for topk, every valid
-    negative for mean); ``stats`` has ``pos_dist`` (mean distance to own centre),
-    ``neg_dist`` (mean distance to nearest negative centre), ``max_radius``.
+    the aggregation looked at (one per sample for hardest, k for topk, every
+    negative in ``N(i)`` for mean); ``stats`` has ``pos_dist`` (mean distance to
+    own centre), ``neg_dist`` (mean distance to the nearest negative in ``N(i)``,
+    a centre or, for ``"batch_hardest"``, a sample), ``max_radius``.
     """
 
     def __init__(
@@ -82,6 +113,7 @@ class FATLoss(IdentityLoss):
         k: int = 5,
         cohesion: Cohesion = "max_radius",
         cohesion_weight: float = 0.1,
+        negatives: Negatives = "all_centres",
     ) -> None:
         super().__init__()
         if centre_mode is None:
@@ -92,6 +124,8 @@ class FATLoss(IdentityLoss):
             raise ValueError(f"FATLoss: aggregation must be 'hardest', 'mean' or 'topk', got {aggregation!r}")
         if cohesion not in ("max_radius", "mean"):
             raise ValueError(f"FATLoss: cohesion must be 'max_radius' or 'mean', got {cohesion!r}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"FATLoss: negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
         if k < 1:
             raise ValueError(f"FATLoss: k must be >= 1, got {k}")
         if cohesion_weight < 0:
@@ -103,6 +137,7 @@ class FATLoss(IdentityLoss):
         self.k = k
         self.cohesion = cohesion
         self.cohesion_weight = float(cohesion_weight)
+        self.negatives = negatives
 
     @classmethod
     def normalised(cls, margin: float = 0.1, **overrides) -> FATLoss:
@@ -111,16 +146,31 @@ class FATLoss(IdentityLoss):
         return cls(margin=margin, normalize=True, **overrides)
 
     def new_centre_bank(
-        self, num_classes: int, dim: int, mode: Literal["epoch", "ema"] = "ema", momentum: float = 0.9
+        self,
+        num_classes: int,
+        dim: int,
+        mode: Literal["epoch", "ema"] = "ema",
+        momentum: float = 0.9,
+        shortlist_refresh: int = 100,
     ) -> CentreBank:
-        """A :class:`CentreBank` built with this loss's centre mode."""
-        return CentreBank(num_classes, dim, mode=mode, momentum=momentum, centre_mode=self.centre_mode)
+        """A :class:`CentreBank` built with this loss's centre mode.
+
+        With ``negatives="centre_shortlist"`` the bank keeps each centre's ``k``
+        nearest centres, rebuilt at each :meth:`CentreBank.refresh` and, with
+        ``mode="ema"``, every ``shortlist_refresh`` updates.
+        """
+        if self.negatives != "centre_shortlist":
+            return CentreBank(num_classes, dim, mode=mode, momentum=momentum, centre_mode=self.centre_mode)
+        return CentreBank(
+            num_classes, dim, mode=mode, momentum=momentum, centre_mode=self.centre_mode,
+            shortlist_k=self.k, shortlist_refresh=shortlist_refresh,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin}, normalize={self.normalize}, centre_mode={self.centre_mode}, "
             f"aggregation={self.aggregation!r}, k={self.k}, cohesion={self.cohesion!r}, "
-            f"cohesion_weight={self.cohesion_weight}"
+            f"cohesion_weight={self.cohesion_weight}, negatives={self.negatives!r}"
         )
 
     def _resolve_centres(self, centres: CentreBank | Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -133,6 +183,12 @@ class FATLoss(IdentityLoss):
                     f"({CENTRE_MODES[centres.centre_mode]}) but this loss expects "
                     f"centre_mode={self.centre_mode} ({CENTRE_MODES[self.centre_mode]}); build the bank "
                     "with loss.new_centre_bank(...) or pass the matching centre_mode to FATLoss"
+                )
+            if self.negatives == "centre_shortlist" and centres.shortlist_k < self.k:
+                raise ValueError(
+                    f"FATLoss(negatives='centre_shortlist', k={self.k}): the CentreBank keeps "
+                    f"{centres.shortlist_k} neighbours per centre; build it with loss.new_centre_bank(...) "
+                    f"or CentreBank(..., shortlist_k={self.k})"
                 )
             return centres.centres, centres.valid
         if not isinstance(centres, Tensor) or centres.dim() != 2:
@@ -191,48 +247,23 @@ class FATLoss(IdentityLoss):
             # bank's invalid rows are zero by construction.
             centre_tensor = torch.where(valid.unsqueeze(1), centre_tensor, 0.0)
         centre_tensor = centre_tensor.to(features.dtype)
-        batch = features.shape[0]
-
-        # One GEMM gives every sample-to-centre distance; positives, the selected
-        # negatives and their gradients all come from this (B, C) matrix. Beyond the
-        # GEMM (and its transpose in backward) only the squared norms touch the
-        # (B, D) features: no normalised copy, no gathered centres.
-        squared = squared_distance_matrix(features, centre_tensor, normalize_x=self.normalize)
         own_valid = valid[labels]
-        pos_dist = _root(squared.gather(1, labels.unsqueeze(1)).squeeze(1))
-        negative = valid.unsqueeze(0).expand(batch, num_classes).clone()
-        negative[torch.arange(batch, device=features.device), labels] = False
-        has_negative = negative.any(dim=1)
-        counted = own_valid & has_negative
-        num_negatives = int(valid.sum()) - 1  # every counted sample has the same negatives count
 
-        if num_negatives < 1 or not bool(counted.any()):
-            # No negative centre anywhere: only cohesion remains; keep p2s in the graph.
-            p2s = pos_dist * 0.0
-            considered = torch.zeros(batch, 1, dtype=torch.bool, device=features.device)
-            active = considered
-            nearest_dist = torch.zeros_like(pos_dist)
-        elif self.aggregation == "mean":
-            dist = _root(squared)
-            considered = negative & counted.unsqueeze(1)
-            hinge = torch.where(
-                considered, F.relu(pos_dist.unsqueeze(1) - dist + self.margin), torch.zeros_like(dist)
+        if self.negatives == "all_centres":
+            pos_squared, squared, candidates = self._all_centres(features, labels, centre_tensor, valid)
+        elif self.negatives == "centre_shortlist":
+            shortlist = (
+                centres.shortlist[:, : self.k] if isinstance(centres, CentreBank)
+                else nearest_centres(centre_tensor, valid, self.k)
             )
-            active = hinge > 0
-            p2s = hinge.sum(dim=1) / active.sum(dim=1).clamp_min(1)
-            nearest_dist = dist.detach().masked_fill(~negative, float("inf")).amin(dim=1)
+            pos_squared, squared, candidates = self._centre_shortlist(
+                features, labels, centre_tensor, valid, shortlist
+            )
         else:
-            take = 1 if self.aggregation == "hardest" else min(self.k, num_negatives)
-            with torch.no_grad():
-                chosen = squared.masked_fill(~negative, float("inf")).topk(take, dim=1, largest=False).indices
-            neg_dist = _root(squared.gather(1, chosen))  # (B, take), nearest first
-            considered = negative.gather(1, chosen) & counted.unsqueeze(1)
-            hinge = torch.where(
-                considered, F.relu(pos_dist.unsqueeze(1) - neg_dist + self.margin), torch.zeros_like(neg_dist)
-            )
-            active = hinge > 0
-            p2s = hinge.sum(dim=1) / take
-            nearest_dist = neg_dist[:, 0].detach()
+            pos_squared, squared, candidates = self._batch_hardest(features, labels, centre_tensor)
+        pos_dist = _root(pos_squared)
+        counted = own_valid & candidates.any(dim=1)
+        p2s, considered, active, nearest_dist = self._aggregate(pos_dist, squared, candidates, counted)
 
         p2s_loss = masked_mean(p2s, counted)
         if self.cohesion == "mean":
@@ -254,3 +285,86 @@ class FATLoss(IdentityLoss):
                 "max_radius": torch.where(own_valid, pos_detached, torch.zeros_like(pos_detached)).amax(),
             },
         )
+
+    # Each negative set returns (pos_squared (B,), squared (B, m), candidates (B, m)):
+    # squared distances to the own centre and to m negative slots, and which slots
+    # hold a real negative.
+
+    def _all_centres(self, features: Tensor, labels: Tensor, centres: Tensor, valid: Tensor):
+        # One GEMM gives every sample-to-centre distance; positives, the selected
+        # negatives and their gradients all come from this (B, C) matrix. Beyond the
+        # GEMM (and its transpose in backward) only the squared norms touch the
+        # (B, D) features: no normalised copy, no gathered centres.
+        batch, num_classes = features.shape[0], centres.shape[0]
+        squared = squared_distance_matrix(features, centres, normalize_x=self.normalize)
+        pos_squared = squared.gather(1, labels.unsqueeze(1)).squeeze(1)
+        candidates = valid.unsqueeze(0).expand(batch, num_classes).clone()
+        candidates[torch.arange(batch, device=features.device), labels] = False
+        return pos_squared, squared, candidates
+
+    def _centre_shortlist(self, features: Tensor, labels: Tensor, centres: Tensor, valid: Tensor,
+                          shortlist: Tensor):
+        # Own centre in column 0, the class's k neighbours after it: B*(k+1)
+        # sampled distances, no (B, C) matrix.
+        neighbours = shortlist.to(features.device)[labels]
+        # A list older than the centres' validity (a tensor's, or a bank whose
+        # centre was dropped by refresh) must not hand out an invalid centre.
+        candidates = (neighbours >= 0) & (neighbours != labels.unsqueeze(1))
+        candidates &= valid[neighbours.clamp_min(0)]
+        index = torch.cat([labels.unsqueeze(1), neighbours], dim=1)
+        present = torch.cat([torch.ones_like(candidates[:, :1]), candidates], dim=1)
+        squared = gathered_squared_distances(features, centres, index, present, normalize_x=self.normalize)
+        return squared[:, 0], squared[:, 1:], candidates
+
+    def _batch_hardest(self, features: Tensor, labels: Tensor, centres: Tensor):
+        pos_squared = gathered_squared_distances(
+            features, centres, labels.unsqueeze(1), normalize_x=self.normalize
+        ).squeeze(1)
+        other = labels.unsqueeze(1) != labels.unsqueeze(0)
+        take = min(self.k, features.shape[0] - 1)
+        with torch.no_grad():
+            # Mining: every in-batch squared distance, one GEMM without gradient;
+            # the differentiable distances of the chosen few are recomputed below.
+            detached = features.detach()
+            sample_squared = torch.linalg.vector_norm(detached, dim=1).square()
+            scale = sample_squared.clamp_min(1e-24).rsqrt() if self.normalize else None
+            between = F.normalize(detached, dim=1) if self.normalize else detached
+            mined = squared_distance_matrix(between, between)
+            mined.masked_fill_(~other, float("inf"))
+            chosen = mined.topk(take, dim=1, largest=False).indices
+        candidates = other.gather(1, chosen)
+        # The negatives are detached samples (normalised when the anchors are):
+        # the gradient reaches the anchor only, as in the reference code.
+        squared = gathered_squared_distances(
+            features, detached, chosen, candidates, normalize_x=self.normalize,
+            table_scale=scale, table_squared=sample_squared,
+        )
+        return pos_squared, squared, candidates
+
+    def _aggregate(self, pos_dist: Tensor, squared: Tensor, candidates: Tensor, counted: Tensor):
+        """p2s(i) over each sample's candidate negatives; returns (p2s, considered, active, nearest)."""
+        if not bool(counted.any()):
+            # No negative anywhere: only cohesion remains; keep p2s in the graph.
+            nothing = torch.zeros(pos_dist.shape[0], 1, dtype=torch.bool, device=pos_dist.device)
+            return pos_dist * 0.0, nothing, nothing, torch.zeros_like(pos_dist)
+        if self.aggregation == "mean":
+            dist = _root(squared)
+            considered = candidates & counted.unsqueeze(1)
+            hinge = torch.where(
+                considered, F.relu(pos_dist.unsqueeze(1) - dist + self.margin), torch.zeros_like(dist)
+            )
+            active = hinge > 0
+            p2s = hinge.sum(dim=1) / active.sum(dim=1).clamp_min(1)
+            nearest = dist.detach().masked_fill(~candidates, float("inf")).amin(dim=1)
+            return p2s, considered, active, nearest
+        take = 1 if self.aggregation == "hardest" else min(self.k, squared.shape[1])
+        with torch.no_grad():
+            chosen = squared.masked_fill(~candidates, float("inf")).topk(take, dim=1, largest=False).indices
+        neg_dist = _root(squared.gather(1, chosen))  # (B, take), nearest first
+        considered = candidates.gather(1, chosen) & counted.unsqueeze(1)
+        hinge = torch.where(
+            considered, F.relu(pos_dist.unsqueeze(1) - neg_dist + self.margin), torch.zeros_like(neg_dist)
+        )
+        # Each sample averages over the negatives it has (fewer than k when short).
+        p2s = hinge.sum(dim=1) / considered.sum(dim=1).clamp_min(1)
+        return p2s, considered, hinge > 0, neg_dist[:, 0].detach()

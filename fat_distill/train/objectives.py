@@ -164,13 +164,16 @@ class FATObjective(Objective):
     full feature pass at the start of each epoch (``"epoch"``, the reference code).
     Before the first update a bank has no valid centre and FAT contributes 0
     (cross-entropy still trains the model); with ``"ema"`` the bank fills within
-    the first batches.
+    the first batches. With ``FATLoss(negatives="centre_shortlist")`` each bank
+    also keeps the centres' neighbour lists, rebuilt at each epoch refresh or,
+    with ``"ema"``, every ``shortlist_refresh`` steps (saved with the objective,
+    so a resumed run continues the same schedule).
     """
 
     def __init__(self, samples: SampleTable, fat: FATLoss, *, num_classes: int, branch_dims: dict[str, int],
                  ce_weight: float = 1.0, target: Literal["hard", "smooth", "soft"] = "hard",
                  smoothing: float = 0.1, centre_update: Literal["ema", "epoch"] = "ema",
-                 momentum: float = 0.9) -> None:
+                 momentum: float = 0.9, shortlist_refresh: int = 100) -> None:
         super().__init__(samples)
         if target == "soft" and not samples.has_soft:
             raise ValueError("target='soft' needs soft targets (a soft_labels manifest)")
@@ -178,7 +181,8 @@ class FATObjective(Objective):
         self.centre_update = centre_update
         self.needs_feature_pass = centre_update == "epoch"
         self.banks = nn.ModuleDict({
-            _bank_key(name): fat.new_centre_bank(num_classes, dim, mode=centre_update, momentum=momentum)
+            _bank_key(name): fat.new_centre_bank(num_classes, dim, mode=centre_update, momentum=momentum,
+                                                 shortlist_refresh=shortlist_refresh)
             for name, dim in branch_dims.items()
         })
 
@@ -237,6 +241,9 @@ def build_objective(
     fat_aggregation: str = "hardest",
     fat_cohesion: str = "mean",
     fat_cohesion_weight: float = 0.1,
+    fat_negatives: str = "all_centres",
+    fat_k: int = 5,
+    fat_shortlist_refresh: int = 100,
     centre_update: str = "ema",
     centre_momentum: float = 0.9,
     target: str = "hard",
@@ -254,6 +261,11 @@ def build_objective(
             negative-pair margin is half of it).
         soft_ids / soft_probs: ``(N, k)`` teacher top-k class indices and probabilities, by dataset index.
         confident: ``(N,)`` bool, by dataset index: which samples build centres.
+        fat_negatives / fat_k: ``fat_hybrid``'s negative set (``all_centres``,
+            ``centre_shortlist`` or ``batch_hardest``) and its size k (also topk's k);
+            see :class:`~fat_distill.losses.FATLoss`.
+        fat_shortlist_refresh: steps between rebuilds of the centre short list
+            with ``centre_update="ema"`` (epoch centres rebuild it at each refresh).
     """
     samples = SampleTable(num_samples, soft_ids, soft_probs, confident)
     if name == "ce":
@@ -271,10 +283,11 @@ def build_objective(
         return MetricObjective(samples, QuadrupletLoss(triplet_margin), ce_weight=ce_weight, smoothing=smoothing)
     if name == "fat_hybrid":
         fat = FATLoss.normalised(margin=fat_margin, aggregation=fat_aggregation, cohesion=fat_cohesion,
-                                 cohesion_weight=fat_cohesion_weight)
+                                 cohesion_weight=fat_cohesion_weight, negatives=fat_negatives, k=fat_k)
         return FATObjective(samples, fat, num_classes=num_classes, branch_dims=branch_dims(model, image_size),
                             ce_weight=ce_weight, target=target, smoothing=smoothing,
-                            centre_update=centre_update, momentum=centre_momentum)
+                            centre_update=centre_update, momentum=centre_momentum,
+                            shortlist_refresh=fat_shortlist_refresh)
     raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
