@@ -39,6 +39,7 @@ from fat_distill.pipeline.overrides import apply_overrides, validate_config
 from fat_distill.pipeline.runs import last_components, new_run_id
 from fat_distill.train import set_cpu_threads
 from flows.devices import DevicePool
+from flows.watch import STAGE_KEY_PREFIX
 
 log = logging.getLogger("fat_distill.flows")
 
@@ -197,7 +198,7 @@ class PrefectExecutor:
             tags=stage_tags(call, run_id, self.pool), result_storage=self.result_storage,
             retries=self.retries.for_stage(call.kind), retry_delay_seconds=self.retries.delay_seconds,
             retry_condition_fn=_retry_if_transient)
-        stage.task_key = f"fat-distill.{call.name}"  # default: one key for every stage (the function's)
+        stage.task_key = f"{STAGE_KEY_PREFIX}{call.name}"  # default: one key for every stage (the function's)
         return stage.submit(
             call_name=call.name, cache_key=call.key, run_id=run_id,
             stage_fn=call.fn.__name__, kwargs=kwargs, needs_device=call.needs_device,
