@@ -255,7 +255,8 @@ def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState, point: st
                    f"Label audit (final teacher round): {describe_label_audit(summary.get('label_audit') or {})}",
                    "",
                    "| stage | state | seconds | why |", "|---|---|---|---|", *stage_lines, "",
-                   "Pictures (as the stages name them; relative paths are inside the project folder the flow ran in):", "",
+                   "Pictures (as the stages name them; relative paths are inside the project folder the flow "
+                   "ran in):", "",
                    *(f"- `{png}`" for png in pictures)]),
         key=artifact_key("run-summary", point), description=f"Stages of run {paths.run_id}")
     # Prefect's image artifacts take a URL: the file URI of the PNG on the machine that ran the flow.

@@ -164,4 +164,5 @@ def follow(flow_run_id: UUID | str, say: Callable[[str], None], *, poll_seconds:
             say(line)
         return flow_run
 
-__all__ = ["Observed", "PIPELINE_FLOW", "STAGE_KEY_PREFIX", "SWEEP_FLOW", "changes", "deployment_name", "follow", "observe", "trigger"]
+__all__ = ["Observed", "PIPELINE_FLOW", "STAGE_KEY_PREFIX", "SWEEP_FLOW", "changes", "deployment_name", "follow",
+           "observe", "trigger"]

@@ -158,7 +158,8 @@ class Cluster:
 
     def flow_runs_of(self, worker: str) -> set[str]:
         """Names of the flow runs a worker started (both may try to take a run; one wins)."""
-        return set(re.findall(r"Flow run '([^']+)' submitted to infrastructure", self.processes.log(worker).read_text()))
+        log = self.processes.log(worker).read_text()
+        return set(re.findall(r"Flow run '([^']+)' submitted to infrastructure", log))
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -276,15 +277,16 @@ def test_pipeline_and_sweep_run_on_two_workers_share_the_device_and_the_cache(cl
                 os.killpg(c.pid, signal.SIGKILL)
     pipeline_out, sweep_out = outputs
     for client, output in zip(clients, outputs):
-        assert client.returncode == 0, "\n".join([_tail(cluster.processes.log("w1")), _tail(cluster.processes.log("w2")),
-                                                  "--- client output:", output])
+        workers = [_tail(cluster.processes.log(w)) for w in ("w1", "w2")]
+        assert client.returncode == 0, "\n".join([*workers, "--- client output:", output])
     run_id, _ = _submitted(pipeline_out)
     sweep_id, _ = _submitted(sweep_out)
     # --watch followed the runs on the workers, stage by stage, to the end.
     for line in ("stage data: Completed", "stage teacher.round0: Completed", "stage evaluate.distilled: Completed",
                  f"flow run {run_id}: Running", f"flow run {run_id}: Completed"):
         assert line in pipeline_out, pipeline_out
-    assert pipeline_out.index(f"flow run {run_id}: Completed") > pipeline_out.index("stage evaluate.distilled: Completed")
+    last_stage = pipeline_out.index("stage evaluate.distilled: Completed")
+    assert pipeline_out.index(f"flow run {run_id}: Completed") > last_stage  # the run's end is said last
     assert re.search(r"student\.train\.lr=0\.002: stage student\.distilled: Completed", sweep_out), sweep_out
     assert f"run {sweep_id} completed" in sweep_out
 
@@ -306,7 +308,7 @@ def test_pipeline_and_sweep_run_on_two_workers_share_the_device_and_the_cache(cl
     assert (runs / ".stage-results").is_dir()  # the cache lives beside the runs, shared by both workers
 
     # 2. The same pipeline again: every stage from the cache, whichever worker takes it. A run whose
-    #    input is missing fails on the other worker, and --watch says so with a non-zero exit.
+    #    input is missing fails on a worker, and --watch says so with a non-zero exit.
     broken = yaml.safe_load(config.read_text())
     broken["data"] = {"source": "manifest", "manifest": str(tmp_path / "no-such-dataset.parquet")}
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
