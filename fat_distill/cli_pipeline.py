@@ -144,8 +144,14 @@ def _show_sweep(report: dict[str, Any]) -> None:
     console.print(t)
 
 
-def _trigger_deployment(config, deployment: str) -> None:
-    """Start a flow run of a deployment on the Prefect server named by PREFECT_API_URL and return at once."""
+def _trigger_deployment(config, deployment: str, *, watch: bool = False, grid: dict[str, list[Any]] | None = None,
+                        ) -> None:
+    """Start a flow run of a deployment on the Prefect server named by PREFECT_API_URL.
+
+    Without ``watch`` it returns once the run is scheduled; with it, it prints each state change of the
+    flow run, its subflows and stages until the run ends, and exits 1 unless it completed. ``grid``: the
+    run is a sweep (the ``fat-distill-sweep`` flow's deployments).
+    """
     import os
 
     from fat_distill.pipeline import new_run_id
@@ -153,14 +159,50 @@ def _trigger_deployment(config, deployment: str) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         _fail(ValueError("--deployment needs a Prefect server: set PREFECT_API_URL (e.g. "
                          "http://localhost:4200/api, see README 'Run on a cluster')"))
-    from prefect.deployments import run_deployment
+    from flows.environment import configure_prefect
 
-    name = deployment if "/" in deployment else f"fat-distill-pipeline/{deployment}"
-    run_id = new_run_id(config.run.name)
-    flow_run = run_deployment(name=name, parameters={"config": config.model_dump(mode="json"), "run_id": run_id},
-                              timeout=0)
+    configure_prefect()
+    from flows import watch as watching
+
+    if grid is None:
+        name = watching.deployment_name(deployment, watching.PIPELINE_FLOW)
+        run_id = new_run_id(config.run.name)
+        parameters = {"config": config.model_dump(mode="json"), "run_id": run_id}
+    else:
+        name = watching.deployment_name(deployment, watching.SWEEP_FLOW)
+        run_id = new_run_id(f"{config.run.name}-sweep")
+        parameters = {"config": config.model_dump(mode="json"), "grid": grid, "sweep_id": run_id}
+    try:
+        flow_run = watching.trigger(name, parameters, flow_run_name=run_id)
+    except Exception as exc:  # noqa: BLE001 - unknown deployment, unreachable server: one clear line
+        _fail(exc, "list deployments with: prefect deployment ls (deploy them with: prefect deploy --all)")
     console.print(f"submitted run {run_id} to deployment {name}: flow run {flow_run.id} "
-                  f"(state {flow_run.state.name if flow_run.state else 'scheduled'})", highlight=False)
+                  f"(state {flow_run.state.name if flow_run.state else 'Scheduled'})", highlight=False, soft_wrap=True)
+    if not watch:
+        console.print(f"see it with: prefect flow-run inspect {flow_run.id} (or trigger with --watch to follow "
+                      "a run to its end)", highlight=False)
+        return
+    try:
+        final = watching.follow(flow_run.id, lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        err_console.print(f"stopped watching; flow run {flow_run.id} goes on on its worker "
+                          f"(cancel it with: prefect flow-run cancel {flow_run.id})")
+        raise typer.Exit(code=130)
+    run_dir = Path(config.run.runs_root) / run_id
+    if grid is None and (run_dir / "run.json").exists():  # the run folder is shared with the worker
+        _show_stages(run_dir)
+        from fat_distill.pipeline.runs import load_run_json
+
+        metrics = (load_run_json(run_dir) or {}).get("metrics")
+        if metrics:
+            _show_metrics(metrics)
+    state = final.state
+    if state is None or not state.is_completed():
+        err_console.print(f"[bold red]run {run_id} {state.name.lower() if state else 'ended'}[/]"
+                          f"{': ' + state.message if state and state.message else ''}", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(code=1)
+    console.print(f"run {run_id} completed (flow run {final.name})", highlight=False, soft_wrap=True)
 
 
 def _draw_pictures(run_dir: Path, runs_root: Path, *, quiet: bool, **options: Any) -> dict[str, Any]:
@@ -210,6 +252,9 @@ def register(app: typer.Typer) -> None:
         deployment: Annotated[Optional[str], typer.Option(
             help="Trigger this deployment (e.g. 'pipeline') on a Prefect server instead of running here; "
                  "needs PREFECT_API_URL.")] = None,
+        watch: Annotated[bool, typer.Option(
+            help="With --deployment: follow the run until it ends, print each stage's state as it changes, "
+                 "exit 1 if it does not complete.")] = False,
         allow_outside_root: Annotated[bool, typer.Option(
             "--allow-outside-root",
             help="Read images whose manifest paths are absolute, climb out of the dataset root with '..' or are "
@@ -229,8 +274,10 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             _fail(exc)
         if deployment:
-            _trigger_deployment(cfg, deployment)
+            _trigger_deployment(cfg, deployment, watch=watch)
             return
+        if watch:
+            _fail(ValueError("--watch follows a run started with --deployment; a local run shows its stages anyway"))
         _execute(cfg, direct=direct)
 
     @app.command("demo")
@@ -270,6 +317,11 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Optional[Path], typer.Argument(help="Base YAML config (default: the demo config).")] = None,
         grid: Annotated[list[str], typer.Option(help="KEY=V1,V2,… (repeatable); every combination is run.")] = [],
         overrides: SetOption = None,
+        deployment: Annotated[Optional[str], typer.Option(
+            help="Trigger this deployment of the sweep flow (e.g. 'sweep') on a Prefect server instead of running "
+                 "here; needs PREFECT_API_URL.")] = None,
+        watch: Annotated[bool, typer.Option(
+            help="With --deployment: follow the sweep and its points until it ends; exit 1 if it fails.")] = False,
     ) -> None:
         """Run the pipeline for every combination of --grid values; points share devices and cached stages."""
         import yaml
@@ -288,6 +340,12 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("give at least one --grid key=v1,v2")
         except ConfigError as exc:
             _fail(exc)
+        if deployment:
+            _trigger_deployment(cfg, deployment, watch=watch, grid=parsed)
+            return
+        if watch:
+            _fail(ValueError("--watch follows a sweep started with --deployment; a local sweep shows its points "
+                             "anyway"))
         from flows.environment import configure_prefect
 
         configure_prefect(Path(cfg.run.runs_root).parent / ".prefect")

@@ -3,8 +3,16 @@
 The stage graph lives in :mod:`fat_distill.pipeline.graph`; here each stage call
 becomes a run of :func:`stage_task`, whose cache key is the stage's own key
 (input content hashes, its config section, library version, code) and whose
-result (the stage's output paths, JSON) is persisted under PREFECT_HOME. A cached
+result (the stage's output paths, JSON) is persisted under ``<runs_root>/.stage-results``
+(:data:`RESULTS_FOLDER`): beside the run folders, not in one machine's PREFECT_HOME,
+so workers sharing the runs folder and the Prefect server share the cache. A cached
 result whose files are gone is recomputed.
+
+In the Prefect UI each stage is its own task (key ``fat-distill.<stage>``, named after
+the stage) tagged ``fat-distill``, ``stage:<kind>``, ``run:<run_id>`` and, where known
+when it is submitted, ``method:<m>`` and ``device:<i>``; failed stages are retried as
+``run.retries`` says when the error looks transient. Each point of a sweep is a
+subflow named after its grid point, with its own artifact keys.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +31,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fat_distill.pipeline import PipelineConfig, RunPaths, RunState, run_graph
+from fat_distill.pipeline.config import RetriesSection
 from fat_distill.pipeline.graph import StageCall
 from fat_distill.pipeline.inspect import describe_label_audit
 from fat_distill.pipeline.keys import why_changed
@@ -41,15 +51,40 @@ from fat_distill.pipeline.sweeps import (
 )
 from fat_distill.train import set_cpu_threads
 from flows.devices import DevicePool
+from flows.watch import STAGE_KEY_PREFIX
 
 log = logging.getLogger("fat_distill.flows")
 
 # Per-run objects the task threads need (they are not task parameters: tasks take paths and small values).
 _RUNS: dict[str, tuple[RunState, DevicePool]] = {}
+# The device pool a sweep's point subflows share, by sweep id (not a flow parameter: it holds threads).
+_SWEEP_POOLS: dict[str, DevicePool] = {}
+
+#: Task results (each stage's output paths) are kept here, under ``run.runs_root``.
+RESULTS_FOLDER = ".stage-results"
 
 
 def _cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["cache_key"]
+
+
+# Errors that say the input or the config is wrong: retrying cannot help (all but the last are OSErrors).
+_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+                     ValueError, KeyError, TypeError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a stage that raised ``exc`` may succeed if run again: I/O and connection errors, timeouts.
+
+    Bad input (a missing or damaged file, a wrong config value) and programming errors are not.
+    """
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not isinstance(exc, _PERMANENT_ERRORS)
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition of :func:`stage_task` (called with the failed state)."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 @task(name="stage", cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
@@ -142,22 +177,49 @@ def _where(outputs: dict) -> str:
     return ", ".join(paths[:3]) or "-"
 
 
+def stage_tags(call: StageCall, run_id: str, pool: DevicePool) -> list[str]:
+    """Prefect tags of a stage's task run: what it is, which run, and what is known of where it runs.
+
+    ``device:<i>`` (the position in ``run.devices``) is known before the stage starts when it trains
+    data-parallel (all its devices) or when the pool has a single device; otherwise the scheduler
+    picks a free device when it starts (``run.json`` records it).
+    """
+    tags = ["fat-distill", f"stage:{call.kind}", f"run:{run_id}"]
+    method = getattr(call.kwargs.get("config"), "method", None)
+    if method:
+        tags.append(f"method:{method}")
+    if call.parallel_devices:
+        tags += [f"device:{i}" for i in pool.indices_for(call.name, list(call.parallel_devices))]
+    elif call.needs_device and len(pool.devices) == 1:
+        tags.append("device:0")
+    return tags
+
+
 class PrefectExecutor:
     """Submits stage calls as Prefect task runs of :func:`stage_task`."""
 
-    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, label: str = ""):
+    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, retries: RetriesSection | None = None,
+                 label: str = ""):
         self.state = state
         self.pool = pool
         self.runs_root = runs_root
+        self.retries = retries or RetriesSection()
         self.label = label  # a sweep point's label: its task runs are told apart in the Prefect UI
+        # Relative to the flow's working directory (the project, on every worker): portable across hosts.
+        self.result_storage = Path(runs_root) / RESULTS_FOLDER
         _RUNS[state.paths.run_id] = (state, pool)
 
     def _submit(self, call: StageCall, refresh: bool):
         kwargs = dict(call.kwargs)
-        name = f"{call.name} [{self.label}]" if self.label else call.name
-        return stage_task.with_options(name=f"stage-{call.kind}", task_run_name=name,
-                                       refresh_cache=refresh).submit(
-            call_name=call.name, cache_key=call.key, run_id=self.state.paths.run_id,
+        run_id = self.state.paths.run_id
+        stage = stage_task.with_options(
+            name=call.name, task_run_name=f"{call.name} [{self.label}]" if self.label else call.name,
+            refresh_cache=refresh, tags=stage_tags(call, run_id, self.pool), result_storage=self.result_storage,
+            retries=self.retries.for_stage(call.kind), retry_delay_seconds=self.retries.delay_seconds,
+            retry_condition_fn=_retry_if_transient)
+        stage.task_key = f"{STAGE_KEY_PREFIX}{call.name}"  # default: one key for every stage (the function's)
+        return stage.submit(
+            call_name=call.name, cache_key=call.key, run_id=run_id,
             stage_fn=call.fn.__name__, kwargs=kwargs, needs_device=call.needs_device,
             parallel_devices=list(call.parallel_devices) or None)
 
@@ -169,26 +231,56 @@ class PrefectExecutor:
         return _StageHandle(self, call, why)
 
 
-def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState, key_suffix: str = "") -> None:
-    """The run's metrics table, stage summary and plots as Prefect artifacts (``key_suffix``: per sweep point)."""
+def stage_pictures(state: RunState) -> list[Path]:
+    """The PNGs a run's stages drew, as their outputs name them (existing files only).
+
+    A stage taken from cache names the pictures of the run that computed it, so a cached
+    run shows the same pictures without drawing them again.
+    """
+    found: dict[str, Path] = {}
+    for entry in state.data["stages"].values():
+        for value in (entry.get("outputs") or {}).values():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str) and v.endswith(".png") and Path(v).exists():
+                    found.setdefault(str(Path(v).resolve()), Path(v))
+    for png in sorted(state.paths.plots_dir.glob("*.png")):
+        found.setdefault(str(png.resolve()), png)
+    return list(found.values())
+
+
+def artifact_key(base: str, point: str | None = None) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes), one per sweep point when ``point`` is given."""
+    if point is None:
+        return base
+    slug = re.sub(r"[^a-z0-9]+", "-", point.lower()).strip("-")
+    return f"{base}-{slug}" if slug else base
+
+
+def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState, point: str | None = None) -> None:
     rows = [{"method": m, **{k: round(v, 4) for k, v in metrics.items()}} for m, metrics in summary["retrieval"].items()]
     if rows:
-        create_table_artifact(rows, key=f"retrieval-metrics{key_suffix}",
+        create_table_artifact(rows, key=artifact_key("retrieval-metrics", point),
                               description=f"Retrieval metrics of run {paths.run_id}")
     stage_lines = [f"| {name} | {e.get('state')} | {e.get('seconds', '')} | {e.get('why', '')} |"
                    for name, e in state.data["stages"].items()]
     detection = ", ".join(f"{k.split('.', 1)[1]} {v:.3f}" for k, v in summary["noise_detection"].items()
                           if v is not None and k.split(".", 1)[1] in ("precision", "recall", "f1", "auroc"))
+    pictures = stage_pictures(state)
     create_markdown_artifact(
         "\n".join([f"# fat-distill run `{paths.run_id}`", "",
+                   *([f"Sweep point: `{point}`", ""] if point else []),
                    f"Manifests: `{paths.manifest_dir}` · run folder: `{paths.run_dir}`", "",
                    f"Noise detection (final teacher round): {detection or 'n/a (no ground truth)'}", "",
                    f"Label audit (final teacher round): {describe_label_audit(summary.get('label_audit') or {})}",
                    "",
-                   "| stage | state | seconds | why |", "|---|---|---|---|", *stage_lines]),
-        key=f"run-summary{key_suffix}", description=f"Stages of run {paths.run_id}")
-    for png in sorted(paths.plots_dir.glob("*.png")):
-        create_image_artifact(png.resolve().as_uri(), description=f"{png.stem} ({paths.run_id})")
+                   "| stage | state | seconds | why |", "|---|---|---|---|", *stage_lines, "",
+                   "Pictures (as the stages name them; relative paths are inside the project folder the flow "
+                   "ran in):", "",
+                   *(f"- `{png}`" for png in pictures)]),
+        key=artifact_key("run-summary", point), description=f"Stages of run {paths.run_id}")
+    # Prefect's image artifacts take a URL: the file URI of the PNG on the machine that ran the flow.
+    for png in pictures:
+        create_image_artifact(png.resolve().as_uri(), description=f"{png.stem} ({png})")
 
 
 def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool,
@@ -211,9 +303,10 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
             if len(student.train.devices) >= 2:
                 pool.indices_for(f"student.{method}", student.train.devices)
         label = sweep_point["label"] if sweep_point else ""
-        summary = run_graph(config, paths, state, PrefectExecutor(state, pool, config.run.runs_root, label))
+        executor = PrefectExecutor(state, pool, config.run.runs_root, config.run.retries, label)
+        summary = run_graph(config, paths, state, executor)
         state.update(status="completed", metrics=summary, error=None)
-        _attach_artifacts(paths, summary, state, f"-point-{sweep_point['index']}" if sweep_point else "")
+        _attach_artifacts(paths, summary, state, label or None)
         return summary
     except BaseException as exc:
         state.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -261,15 +354,32 @@ def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[tuple[
     return [(point_label(p), apply_overrides(base, point_overrides(p))) for p in grid_points(grid)]
 
 
+@flow(name="fat-distill-sweep-point")
+def sweep_point(config: dict[str, Any], run_id: str, entry: dict[str, Any], sweep_id: str) -> dict[str, Any]:
+    """One grid point of a sweep: the pipeline on the device pool the sweep shares, as a subflow of it.
+
+    ``entry`` (:func:`run_sweep_entry`) is recorded in the point's run.json.
+    """
+    cfg = validate_config(PipelineConfig, config, f"sweep point {entry['label']}")
+    get_run_logger().info("sweep %s, point %s: run %s", sweep_id, entry["label"], run_id)
+    return _run_one(cfg, run_id, _SWEEP_POOLS[sweep_id], False, sweep_point=entry)
+
+
+def _flow_run_name(label: str) -> str:
+    """A grid point as a flow run name (Prefect refuses some characters in names)."""
+    return re.sub(r"[/%&<>]", "_", label)
+
+
 @flow(name="fat-distill-sweep")
 def sweep(config: dict[str, Any], grid: dict[str, list[Any]], sweep_id: str) -> dict[str, Any]:
     """Run the pipeline for every point of a grid; points run concurrently and share the device pool.
 
-    Stages shared by several points (e.g. the teacher when only student settings vary)
-    are computed once and taken from cache by the others. The sweep is recorded in
-    ``runs/<sweep_id>/`` (``sweep.json``, ``sweep.parquet``: one row per point × model);
-    point ``i`` runs as ``<sweep_id>-<i>``. A failed point does not stop the others: the
-    table holds every point that finished, and the flow then fails naming the failed ones.
+    Each point is a subflow (:func:`sweep_point`) named after its grid point. Stages shared by
+    several points (e.g. the teacher when only student settings vary) are computed once and taken
+    from cache by the others. The sweep is recorded in ``runs/<sweep_id>/`` (``sweep.json``,
+    ``sweep.parquet``: one row per point × model); point ``i`` runs as ``<sweep_id>-<i>``. A failed
+    point does not stop the others: the table holds every point that finished, and the flow then
+    fails naming the failed ones.
     """
     base = validate_config(PipelineConfig, config)
     set_cpu_threads(base.run.torch_threads)  # one process: the points share the setting of the base config
@@ -282,19 +392,26 @@ def sweep(config: dict[str, Any], grid: dict[str, list[Any]], sweep_id: str) -> 
     pool = DevicePool(base.run.devices, base.run.max_tasks_per_device)
     pool.create_limits()
     get_run_logger().info("sweep %s: %d point(s) on %s", sweep_id, len(points), pool.devices)
+    workers = max(2, pool.slots + 2)
+    _SWEEP_POOLS[sweep_id] = pool
     results: dict[str, Any] = {}
     failed: list[tuple[str, str, BaseException]] = []
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(len(configs), pool.slots))) as threads:
-            futures = [threads.submit(contextvars.copy_context().run, _run_one, cfg, rid, pool, False,
-                                      run_sweep_entry(sweep_id, point, i))
-                       for i, (point, cfg, rid) in enumerate(zip(points, configs, run_ids))]
+            futures = [threads.submit(
+                contextvars.copy_context().run,
+                sweep_point.with_options(flow_run_name=_flow_run_name(point_label(point)),
+                                         task_runner=ThreadPoolTaskRunner(max_workers=workers)),
+                config=cfg.model_dump(mode="json"), run_id=rid, entry=run_sweep_entry(sweep_id, point, i),
+                sweep_id=sweep_id)
+                for i, (point, cfg, rid) in enumerate(zip(points, configs, run_ids))]
             for point, rid, future in zip(points, run_ids, futures):
                 try:
                     results[point_label(point)] = {"run_id": rid, **future.result()}
                 except Exception as exc:  # noqa: BLE001 - the other points go on; reported below
                     failed.append((point_label(point), rid, exc))
     finally:
+        _SWEEP_POOLS.pop(sweep_id, None)
         pool.close()
         table = refresh_sweep(base.run.runs_root, sweep_id, finished=True)
     rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
@@ -331,4 +448,5 @@ def run_sweep(config: PipelineConfig, grid: dict[str, list[Any]], sweep_id: str 
     return flow_fn(config=config.model_dump(mode="json"), grid=grid, sweep_id=sweep_id)
 
 
-__all__ = ["expand_grid", "pipeline", "run_pipeline", "run_sweep", "stage_task", "sweep"]
+__all__ = ["RESULTS_FOLDER", "artifact_key", "expand_grid", "is_transient", "pipeline", "run_pipeline", "run_sweep",
+           "stage_pictures", "stage_tags", "stage_task", "sweep", "sweep_point"]

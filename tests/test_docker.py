@@ -64,3 +64,63 @@ def test_deployments_point_at_existing_flows():
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert hasattr(getattr(module, func), "fn"), f"{deployment['entrypoint']} is not a Prefect flow"
         assert deployment["work_pool"]["name"].startswith("fat-distill-")
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def test_compose_server_runs_the_prefect_the_project_installs():
+    import prefect
+
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    images = re.findall(r"image:\s*prefecthq/prefect:(\d+\.\d+(?:\.\d+)?)", text)
+    assert images, "the compose server image must name a Prefect version (prefecthq/prefect:X.Y[.Z]-pythonN)"
+    for tag in images:
+        assert _minor(tag) == _minor(prefect.__version__), (
+            f"docker/compose.yaml runs Prefect {tag} but the project installs {prefect.__version__}: pin the "
+            "server image to the installed major.minor (and pyproject.toml's prefect range with it)")
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert _minor(str(spec["prefect-version"])) == _minor(prefect.__version__)
+
+
+def test_process_deployments_run_in_the_deployed_project_and_docker_ones_in_app():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        pull = deployment.get("pull", spec.get("pull"))
+        (step,) = pull
+        (name, args), = step.items()
+        if "docker" in deployment["work_pool"]["name"]:
+            assert args["directory"] == "/app", deployment["name"]
+        else:
+            assert name == "flows.steps.enter_project_directory", deployment["name"]
+            assert args["directory"] == "{{ $PWD }}"  # filled in by `prefect deploy`
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert compose["services"]["worker"]["environment"]["FAT_DISTILL_PROJECT_DIR"] == "/app"
+
+
+def test_the_pull_step_enters_the_project_folder_or_the_one_the_worker_names(tmp_path, monkeypatch):
+    import os
+
+    from flows.steps import PROJECT_DIR_ENV, enter_project_directory
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(PROJECT_DIR_ENV, raising=False)
+    assert enter_project_directory(str(ROOT)) == {"directory": str(ROOT)}
+    assert Path(os.getcwd()) == ROOT
+
+    elsewhere = tmp_path / "checkout"
+    (elsewhere / "flows").mkdir(parents=True)
+    (elsewhere / "flows" / "pipeline.py").write_text("")
+    monkeypatch.setenv(PROJECT_DIR_ENV, str(elsewhere))
+    assert enter_project_directory("/app") == {"directory": str(elsewhere.resolve())}
+    assert Path(os.getcwd()).resolve() == elsewhere.resolve()
+
+    monkeypatch.delenv(PROJECT_DIR_ENV)
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'nowhere'} \(the folder `prefect deploy` ran in\) "
+                                                 rf"has no flows/pipeline.py.*{PROJECT_DIR_ENV}"):
+        enter_project_directory(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="run `prefect deploy` from a shell in the project folder"):
+        enter_project_directory("{{ $PWD }}")
+    with pytest.raises(FileNotFoundError, match="names no project folder"):
+        enter_project_directory()

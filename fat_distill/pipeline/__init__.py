@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DataSection": "config", "NoiseSection": "config", "PipelineConfig": "config", "RunSection": "config",
+    "DataSection": "config", "NoiseSection": "config", "PipelineConfig": "config", "RetriesSection": "config",
+    "RunSection": "config",
     "SynthSection": "config", "demo_config": "config",
     "DirectExecutor": "direct", "run_direct": "direct",
     "StageCall": "graph", "run_graph": "graph",

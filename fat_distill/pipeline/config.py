@@ -64,8 +64,34 @@ class NoiseSection(Section):
     enabled: bool = Field(True, description="false: use the labels as they are (real noisy data)")
 
 
+class RetriesSection(Section):
+    """How often a failed stage is retried, per stage kind, when its error looks transient.
+
+    Transient: an OSError such as a network filesystem or connection hiccup, a timeout. Bad input
+    (a missing file, a damaged manifest, a wrong config value) fails at once, whatever the count.
+    Stages that train or extract features on a device default to 0 (a retry would repeat minutes to
+    hours of work; ``fat-distill resume`` continues from the last epoch instead); the stages that only
+    read and write manifests default to 2. Only Prefect runs retry; ``--direct`` runs do not.
+    """
+
+    data: int = Field(2, ge=0)
+    noise: int = Field(2, ge=0)
+    teacher_fold: int = Field(0, ge=0)
+    teacher_round: int = Field(0, ge=0)
+    label_audit: int = Field(2, ge=0)
+    noise_report: int = Field(2, ge=0)
+    soft_labels: int = Field(0, ge=0)
+    student: int = Field(0, ge=0)
+    evaluate: int = Field(0, ge=0)
+    delay_seconds: float = Field(10.0, ge=0, description="wait before each retry")
+
+    def for_stage(self, kind: str) -> int:
+        """The retry count of a stage kind (a key of ``fat_distill.pipeline.keys.STAGE_CODE``)."""
+        return int(getattr(self, kind))
+
+
 class RunSection(Section):
-    """Where outputs go and which devices the stages share."""
+    """Where outputs go, which devices the stages share, and how failed stages are retried."""
 
     name: str = Field("run", description="prefix of the run id")
     manifests_root: str = "data_manifests"
@@ -83,6 +109,7 @@ class RunSection(Section):
                                                  "runs/<run_id>/tensorboard/<stage> (needs the tensorboard package: "
                                                  "pip install 'fat-distill[tensorboard]'); each stage's "
                                                  "history.parquet is written either way")
+    retries: RetriesSection = Field(default_factory=RetriesSection)
 
 
 class PipelineConfig(Section):
