@@ -198,13 +198,11 @@ def stage_tags(call: StageCall, run_id: str, pool: DevicePool) -> list[str]:
 class PrefectExecutor:
     """Submits stage calls as Prefect task runs of :func:`stage_task`."""
 
-    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, retries: RetriesSection | None = None,
-                 label: str = ""):
+    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, retries: RetriesSection | None = None):
         self.state = state
         self.pool = pool
         self.runs_root = runs_root
         self.retries = retries or RetriesSection()
-        self.label = label  # a sweep point's label: its task runs are told apart in the Prefect UI
         # Relative to the flow's working directory (the project, on every worker): portable across hosts.
         self.result_storage = Path(runs_root) / RESULTS_FOLDER
         _RUNS[state.paths.run_id] = (state, pool)
@@ -213,8 +211,7 @@ class PrefectExecutor:
         kwargs = dict(call.kwargs)
         run_id = self.state.paths.run_id
         stage = stage_task.with_options(
-            name=call.name, task_run_name=f"{call.name} [{self.label}]" if self.label else call.name,
-            refresh_cache=refresh, tags=stage_tags(call, run_id, self.pool), result_storage=self.result_storage,
+            name=call.name, task_run_name=call.name, refresh_cache=refresh, tags=stage_tags(call, run_id, self.pool), result_storage=self.result_storage,
             retries=self.retries.for_stage(call.kind), retry_delay_seconds=self.retries.delay_seconds,
             retry_condition_fn=_retry_if_transient)
         stage.task_key = f"{STAGE_KEY_PREFIX}{call.name}"  # default: one key for every stage (the function's)
@@ -303,7 +300,8 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
             if len(student.train.devices) >= 2:
                 pool.indices_for(f"student.{method}", student.train.devices)
         label = sweep_point["label"] if sweep_point else ""
-        executor = PrefectExecutor(state, pool, config.run.runs_root, config.run.retries, label)
+        # A sweep point runs as a subflow named after its point: its task runs are told apart there.
+        executor = PrefectExecutor(state, pool, config.run.runs_root, config.run.retries)
         summary = run_graph(config, paths, state, executor)
         state.update(status="completed", metrics=summary, error=None)
         _attach_artifacts(paths, summary, state, label or None)
