@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fat_distill.cancel import RunCancelled, cancel_signal, check_cancelled
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.graph import StageCall, run_graph
 from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id
@@ -35,9 +36,11 @@ class DirectExecutor:
         if call.needs_device:
             kwargs["device"] = self.device
         try:
+            check_cancelled(f"stage {call.name} (not started)")
             out = call.fn(**kwargs)
         except BaseException as exc:
-            self.state.stage(call.name, state="failed", error=str(exc), seconds=time.perf_counter() - started)
+            self.state.stage(call.name, state="cancelled" if isinstance(exc, RunCancelled) else "failed",
+                             error=str(exc), seconds=round(time.perf_counter() - started, 2))
             raise
         self.state.stage(call.name, state="ran", why="direct run (no cache)", outputs=out,
                          seconds=round(time.perf_counter() - started, 2))
@@ -55,7 +58,8 @@ def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, 
     try:
         summary = run_graph(config, paths, state, DirectExecutor(state, device))
     except BaseException as exc:
-        state.update(status="failed", error=str(exc))
+        cancelled = isinstance(exc, RunCancelled) or cancel_signal() is not None
+        state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     state.update(status="completed", metrics=summary)
     return run_id, summary

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fat_distill.atomic import atomic_write_text, temporary_sibling
+from fat_distill.processes import is_alive, process_identity
 
 if TYPE_CHECKING:
     from fat_distill.pipeline.config import PipelineConfig
@@ -38,18 +39,6 @@ CONFIG_FILE = "config.yaml"
 def new_run_id(name: str) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -101,7 +90,7 @@ class RunState:
         existing = load_run_json(paths.run_dir)
         now = _now()
         data = existing if (resumed and existing) else {"run_id": paths.run_id, "created": now, "stages": {}}
-        data.update({"status": "running", "pid": os.getpid(), "updated": now,
+        data.update({"status": "running", **process_identity().as_dict(), "updated": now,
                      "manifest_dir": str(paths.manifest_dir), "run_dir": str(paths.run_dir)})
         data.setdefault("attempts", 0)
         data["attempts"] += 1
@@ -145,9 +134,14 @@ def load_run_json(run_dir: Path) -> dict[str, Any] | None:
 def effective_status(data: dict[str, Any]) -> str:
     """'running' for a run whose process is gone becomes 'interrupted' (resume it)."""
     status = data.get("status", "unknown")
-    if status == "running" and not _pid_alive(data.get("pid")):
+    if status == "running" and not run_process_alive(data):
         return "interrupted"
     return status
+
+
+def run_process_alive(data: dict[str, Any]) -> bool:
+    """Whether the process recorded in a run.json (PID and start time) is still running."""
+    return is_alive(data.get("pid"), data.get("pid_started"))
 
 
 def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
