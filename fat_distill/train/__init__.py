@@ -18,7 +18,7 @@ from fat_distill.train.distributed import (
     is_data_parallel,
     state_digest,
 )
-from fat_distill.train.loop import FitResult, NonFiniteLossError, fit
+from fat_distill.train.loop import FitResult, LossDivergedError, NonFiniteLossError, fit
 from fat_distill.train.objectives import (
     OBJECTIVES,
     ClassificationObjective,
@@ -31,7 +31,8 @@ from fat_distill.train.objectives import (
 
 __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
-    "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
+    "FATObjective", "FitResult", "LossDivergedError", "MetricObjective", "NonFiniteLossError", "Objective",
+    "SampleTable",
     "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
     "build_train_data", "device_settings", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
     "load_checkpoint", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
