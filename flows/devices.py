@@ -24,6 +24,9 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
+from fat_distill.cancel import check_cancelled
+from flows.slot_registry import SlotRegistry
+
 log = logging.getLogger("fat_distill.devices")
 
 T = TypeVar("T")
@@ -36,6 +39,9 @@ LEASE_SECONDS = 60
 # task-run recorder's and is answered 503 after ~2 s, then retried 2 s later. The next stage of a chain
 # (teacher round r+1 after r, the queued students) asks within a fraction of a second.
 HANDOVER_SECONDS = 5.0
+# How long one try to take a slot waits on the server; tries repeat every POLL_SECONDS. Short, because it
+# holds the folder's slot lock, which the holder needs to give its slot back.
+TAKE_TIMEOUT_SECONDS = 1
 
 
 def expand_devices(devices: list[str]) -> list[str]:
@@ -59,6 +65,8 @@ class DevicePool:
         self.devices = expand_devices(devices)
         self.max_tasks = max_tasks_per_device
         self.prefix = prefix
+        # Embedded server: this process's record of its slots (set by create_limits); None on a shared server.
+        self._registry: SlotRegistry | None = None
         self._next = 0
         self._lock = threading.Lock()
         # In-process view of free slots: stages of this flow wait on a condition instead of polling the
@@ -89,23 +97,41 @@ class DevicePool:
         """Create or update the per-device limits.
 
         Args:
-            reset_stale: zero the limits' active slots first. Default: only for the embedded
-                server (no PREFECT_API_URL), where one pipeline process owns the database and
-                any held slot was left by a killed run. On a shared server, slots of killed
-                runs are freed when their lease (``LEASE_SECONDS``, renewed while held) expires.
+            reset_stale: free the slots held by processes that are gone. Default: only for the
+                embedded server (no PREFECT_API_URL), whose leases die with the server of the
+                killed run; the processes of one folder record their slots
+                (:class:`flows.slot_registry.SlotRegistry`), and a limit is lowered to what live
+                processes hold: a live run's slots are never freed. On a shared server, slots of
+                killed runs are freed when their lease (``LEASE_SECONDS``, renewed while held) expires.
         """
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
         if reset_stale is None:
             reset_stale = "PREFECT_API_URL" not in os.environ
-        with get_client(sync_client=True) as client:
+        if reset_stale and self._registry is None:
+            self._registry = SlotRegistry.for_prefect_home()
+        with self._exclusive(), get_client(sync_client=True) as client:
+            live = self._registry.live_holdings() if reset_stale else None
             for i in range(len(self.devices)):
                 name = self.limit_name(i)
                 client.upsert_global_concurrency_limit_by_name(name, self.max_tasks)
-                if reset_stale and client.read_global_concurrency_limit_by_name(name).active_slots:
-                    log.warning("device pool: %s had slots held by an earlier, killed run; freeing them", name)
-                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+                if live is None:
+                    continue
+                active = client.read_global_concurrency_limit_by_name(name).active_slots
+                if active > live[name]:
+                    log.warning("device pool: %s had %d slot(s) held by runs that were killed; freeing them "
+                                "(%d held by live runs stay)", name, active - live[name], live[name])
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=live[name]))
         log.info("device pool: %s, %d stage(s) per device", ", ".join(self.devices), self.max_tasks)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The cross-process slot lock of the embedded server's folder (nothing on a shared server)."""
+        if self._registry is None:
+            yield
+        else:
+            with self._registry.exclusive():
+                yield
 
     @contextmanager
     def acquire(self, stage: str) -> Iterator[tuple[int, str]]:
@@ -125,6 +151,7 @@ class DevicePool:
                 ctx = self._take_slot(index)
             except TimeoutError:  # another process holds this device: give the local slot back, retry
                 self._release_local(index)
+                check_cancelled(f"stage {stage} (waiting for {self.devices[index]})")
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
@@ -174,6 +201,7 @@ class DevicePool:
                     self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
+                check_cancelled(f"stage {stage} (waiting for {', '.join(self.devices[i] for i in indices)})")
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
@@ -209,10 +237,20 @@ class DevicePool:
                 ctx, timer = self._parked[index].pop()
                 timer.cancel()
                 return ctx
+        name = self.limit_name(index)
+
         def enter() -> Any:
-            ctx = concurrency(self.limit_name(index), occupy=1, timeout_seconds=5, strict=True,
-                              lease_duration=LEASE_SECONDS)
-            ctx.__enter__()
+            with self._exclusive():
+                if self._registry is not None:  # recorded first: a kill then leaves a record, never a lost slot
+                    self._registry.add(name)
+                try:
+                    ctx = concurrency(name, occupy=1, timeout_seconds=TAKE_TIMEOUT_SECONDS, strict=True,
+                                      lease_duration=LEASE_SECONDS)
+                    ctx.__enter__()
+                except BaseException:
+                    if self._registry is not None:
+                        self._registry.remove(name)
+                    raise
             return ctx
 
         return self._server_calls.submit(enter).result()
@@ -234,11 +272,19 @@ class DevicePool:
         self._give_back(index, ctx)
 
     def _give_back(self, index: int, ctx: Any) -> None:
+        name = self.limit_name(index)
+
+        def leave() -> None:
+            with self._exclusive():
+                ctx.__exit__(None, None, None)
+                if self._registry is not None:
+                    self._registry.remove(name)
+
         try:
-            self._server_calls.submit(ctx.__exit__, None, None, None).result()
+            self._server_calls.submit(leave).result()
         except Exception as exc:  # noqa: BLE001 - the lease then expires on its own after LEASE_SECONDS
             log.warning("device pool: could not release a slot of %s (%s); its lease expires in %d s",
-                        self.limit_name(index), exc, LEASE_SECONDS)
+                        name, exc, LEASE_SECONDS)
 
     def close(self) -> None:
         """Give every parked slot back to the server now (at the end of a flow)."""
