@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fat_distill.config_hash import config_hash
+from fat_distill.disk import OutputError
 from fat_distill.manifests import (
     ManifestError,
     diff_manifests,
@@ -45,7 +46,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_MANIFEST_ROOT = Path("data_manifests")
-USER_ERRORS = (ManifestError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+# OutputError: a full disk or a read-only folder, named with its path.
+USER_ERRORS = (ManifestError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+               OutputError)
 
 
 def _fail(exc: BaseException) -> None:

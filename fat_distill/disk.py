@@ -14,9 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["OutputError", "describe_os_error", "free_bytes", "output_error"]
+__all__ = ["OutputError", "describe_os_error", "free_bytes", "output_error", "write_failure"]
 
 _MB = 1024 * 1024
+#: Below this much free space, a write that failed without saying why is taken for a full disk.
+FULL_DISK_BYTES = 16 * _MB
+# How torch.save reports a failed write (no errno): "unexpected pos 608512 vs 608408",
+# "PytorchStreamWriter failed writing file data/0: file write failed".
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "failed writing file")
 
 
 class OutputError(OSError):
@@ -70,4 +75,25 @@ def output_error(exc: OSError, path: str | os.PathLike, *, action: str = "write"
         return exc
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
         return OutputError(describe_os_error(exc, path, action=action), path, exc.errno)
+    return exc
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """The error to raise for a failed write of ``path``: an :class:`OutputError` when the cause is the disk
+    or the folder's permissions, else ``exc`` itself.
+
+    Errors without an errno (torch's ``unexpected pos``, some pyarrow I/O errors) count
+    as a full disk when less than ``FULL_DISK_BYTES`` are free.
+    """
+    if isinstance(exc, OutputError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return output_error(exc, path)
+    unexplained_os = isinstance(exc, OSError)
+    torch_write = isinstance(exc, RuntimeError) and any(text in str(exc) for text in _TORCH_WRITE_FAILURES)
+    if unexplained_os or torch_write:
+        free = free_bytes(Path(path).parent)
+        if free is not None and free < FULL_DISK_BYTES:
+            return OutputError(describe_os_error(OSError(errno.ENOSPC, "No space left on device"), path), path,
+                               errno.ENOSPC)
     return exc

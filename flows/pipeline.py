@@ -61,11 +61,13 @@ def stage_task(call_name: str, cache_key: str, run_id: str, stage_fn: str, kwarg
         with cancel_scope(token):
             check_cancelled(f"stage {call_name} (not started)")  # a cancelled or failed run starts nothing new
             out = _run_stage(state, pool, call_name, fn, kwargs, needs_device, parallel_devices)
-    except RunCancelled as exc:  # raised, not returned as a Cancelled state: that would be cached under the key
-        state.stage(call_name, state="cancelled", error=str(exc), finished=time.time())
-        raise
-    except BaseException as exc:
-        state.stage(call_name, state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+    except BaseException as exc:  # RunCancelled is raised, not returned as a Cancelled state: that one is cached
+        cancelled = isinstance(exc, RunCancelled)
+        try:
+            state.stage(call_name, state="cancelled" if cancelled else "failed",
+                        error=str(exc) if cancelled else f"{type(exc).__name__}: {exc}", finished=time.time())
+        except OSError:  # run.json cannot be written either (a full disk): report the stage's own error
+            pass
         raise
     # Recorded here too, not only when the flow collects the result: a run that fails elsewhere first
     # never collects it, and the stage would stay "running" in run.json.
@@ -219,14 +221,17 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
         cancelled = isinstance(exc, RunCancelled) or cancel_signal() is not None
         # The run is over: its other stages stop at their next batch, and queued ones do not start.
         token.cancel(f"run {run_id} {'was cancelled' if cancelled else 'failed'}")
-        state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+            for name, entry in list(state.data["stages"].items()):
+                if entry.get("state") == "submitted":  # queued: Prefect drops it when the flow ends
+                    state.stage(name, state="cancelled", error=f"not started: {token.reason}")
+        except OSError as state_error:  # a full disk fails run.json too: report the first error, not this one
+            log.warning("could not record the end of run %s in run.json: %s", run_id, state_error)
         # The traceback goes to run.log only: the console shows one line (see brief_console_logging).
         handler.handle(log.makeRecord(log.name, logging.INFO if cancelled else logging.ERROR, __file__, 0,
                                       "run %s %s: %s", (run_id, "cancelled" if cancelled else "failed", exc),
                                       None if cancelled else (type(exc), exc, exc.__traceback__)))
-        for name, entry in list(state.data["stages"].items()):
-            if entry.get("state") == "submitted":  # queued: Prefect drops it when the flow ends
-                state.stage(name, state="cancelled", error=f"not started: {token.reason}")
         raise
     finally:
         library_logger.removeHandler(handler)

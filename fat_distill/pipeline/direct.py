@@ -39,8 +39,11 @@ class DirectExecutor:
             check_cancelled(f"stage {call.name} (not started)")
             out = call.fn(**kwargs)
         except BaseException as exc:
-            self.state.stage(call.name, state="cancelled" if isinstance(exc, RunCancelled) else "failed",
-                             error=str(exc), seconds=round(time.perf_counter() - started, 2))
+            try:
+                self.state.stage(call.name, state="cancelled" if isinstance(exc, RunCancelled) else "failed",
+                                 error=str(exc), seconds=round(time.perf_counter() - started, 2))
+            except OSError:  # run.json cannot be written either (a full disk): report the stage's error
+                pass
             raise
         self.state.stage(call.name, state="ran", why="direct run (no cache)", outputs=out,
                          seconds=round(time.perf_counter() - started, 2))
@@ -59,7 +62,10 @@ def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, 
         summary = run_graph(config, paths, state, DirectExecutor(state, device))
     except BaseException as exc:
         cancelled = isinstance(exc, RunCancelled) or cancel_signal() is not None
-        state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+        except OSError:  # a full disk fails run.json too: the first error is the one to report
+            pass
         raise
     state.update(status="completed", metrics=summary)
     return run_id, summary

@@ -212,11 +212,19 @@ def _checkpoint_bytes(train: TrainConfig, params: int) -> int:
 
 
 def check_writable(folder: str | os.PathLike) -> str | None:
-    """None if files can be created in ``folder`` (created if missing), else a one-line reason naming it."""
-    folder = Path(folder)
+    """None if files can be created in ``folder``, else a one-line reason naming it.
+
+    A folder that does not exist yet is judged by its nearest existing parent (where the run
+    will create it); nothing is left behind.
+    """
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"could not write into {folder}: {existing} is a file, not a folder"
+    probe = existing / f".fat-distill-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".fat-distill-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fat_distill.atomic import atomic_write_text, temporary_sibling
+from fat_distill.disk import output_error, write_failure
 from fat_distill.processes import is_alive, process_identity
 
 if TYPE_CHECKING:
@@ -62,15 +63,28 @@ class RunPaths:
         """Place a manifest into this run's manifest folder (hard link, or an atomic copy across devices)."""
         src = Path(manifest)
         dst = self.manifest_dir / (name or src.name)
-        if dst.exists() and dst.resolve() == src.resolve():
+        # Already in place (a resume publishes every manifest again): a hard link of the same file. Renaming a
+        # second link of that file over it would do nothing and leave the temporary name behind.
+        if dst.exists() and os.path.samefile(src, dst):
             return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(dst)
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as exc:
+            explained = write_failure(exc, dst)
+            if explained is exc:
+                raise
+            raise explained from exc
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         return dst
 
 
@@ -84,8 +98,11 @@ class RunState:
 
     @classmethod
     def create(cls, paths: RunPaths, config: PipelineConfig, *, resumed: bool = False) -> RunState:
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
-        paths.manifest_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (paths.run_dir, paths.manifest_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise output_error(exc, folder, action="create the folder") from exc
         atomic_write_text(paths.run_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         existing = load_run_json(paths.run_dir)
         now = _now()
