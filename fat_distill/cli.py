@@ -169,6 +169,9 @@ def data_corrupt(
 
     started = time.perf_counter()
     try:
+        if out.resolve() == manifest.resolve():
+            raise ValueError(f"--out {out} is the input manifest: the clean labels would be overwritten by the "
+                             "noisy ones; write the noisy manifest to another file")
         frame = read_manifest(manifest, "dataset")
         meta = frame.attrs["manifest"]
         root = meta.extra.get("dataset_root")
@@ -218,13 +221,20 @@ def manifest_validate(
 
     For [b]dataset[/b] manifests whose dataset root exists, every path must also stay inside that root
     (no absolute paths, no '..' escapes, no symlinks leading out), unless the manifest was indexed with
-    --allow-outside-root or you pass it here.
+    --allow-outside-root or you pass it here, and every image must exist. An identity in both train and
+    query/gallery is an error (evaluation needs identities unseen in training).
     """
     failed = 0
     for path in paths:
         try:
             frame = read_manifest(path, schema)
             note = _check_dataset_paths(path, frame, allow_outside_root)
+            if frame.attrs["manifest"].schema == "dataset":
+                from fat_distill.pipeline.preflight import dataset_manifest_problems
+
+                problems = dataset_manifest_problems(path, frame)
+                if problems:
+                    raise ValueError(f"{path}: " + "; ".join(problems))
         except USER_ERRORS as exc:
             failed += 1
             err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False, soft_wrap=True)

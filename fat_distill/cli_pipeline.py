@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -125,6 +126,11 @@ def _preflight(config, *, direct: bool) -> None:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
+def _state_text(state: Any) -> Text:
+    """A run's or stage's state, coloured; plain text, so no value is read as console markup."""
+    return Text(str(state), style=STATE_STYLE.get(str(state), ""))
+
+
 def _show_stages(run_dir: Path) -> None:
     from fat_distill.pipeline.runs import load_run_json
 
@@ -136,8 +142,8 @@ def _show_stages(run_dir: Path) -> None:
         t.add_column(col, overflow="fold")
     for name, entry in data.get("stages", {}).items():
         state = entry.get("state", "?")
-        t.add_row(name, f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(entry.get("seconds", "")),
-                  str(entry.get("device", "")), str(entry.get("why") or entry.get("error") or ""))
+        t.add_row(Text(name), _state_text(state), str(entry.get("seconds", "")),
+                  str(entry.get("device", "")), Text(str(entry.get("why") or entry.get("error") or "")))
     console.print(t)
 
 
@@ -370,8 +376,8 @@ def register(app: typer.Typer) -> None:
             t.add_column(col)
         for d in items:
             states = [e.get("state") for e in d.get("stages", {}).values()]
-            mAP = d.get("metrics", {}).get("retrieval", {}).get("distilled", {}).get("mAP")
-            t.add_row(d["run_id"], f"[{STATE_STYLE.get(d['status'], '')}]{d['status']}[/]", d.get("created", ""),
+            mAP = ((d.get("metrics") or {}).get("retrieval") or {}).get("distilled", {}).get("mAP")
+            t.add_row(Text(str(d.get("run_id", "?"))), _state_text(d.get("status", "?")), str(d.get("created", "")),
                       f"{states.count('ran')}/{states.count('cached')}/{states.count('failed')}",
                       "" if mAP is None else f"{100 * mAP:.1f}")
         console.print(t)

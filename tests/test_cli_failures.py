@@ -8,7 +8,9 @@ failed the same way, and editing the saved config then raised CheckpointError.
 from __future__ import annotations
 
 import errno
+import io
 import json
+import logging
 from pathlib import Path
 
 import yaml
@@ -50,6 +52,16 @@ def test_diverging_student_names_the_setting_and_resume_with_a_change_reruns_it(
     teacher = tmp_path / "runs" / run_id / "stages" / "teacher"
     assert list(teacher.rglob("final.pt"))
 
+    # The same config fails the same way (as the hint said); the console gets one message per failure, the
+    # traceback goes to run.log, and no stage is left "running" in run.json.
+    result = runner.invoke(app, ["resume", run_id, "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "diverging loss" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert "Traceback" in (tmp_path / "runs" / run_id / "run.log").read_text()
+    _, data = only_run(tmp_path)
+    assert data["status"] == "failed"
+    assert not [name for name, e in data["stages"].items() if e.get("state") in ("running", "submitted")]
+
     # A changed teacher: its finished checkpoints belong to the old settings and are discarded (they used to
     # raise CheckpointError), and the student after it trains again.
     result = runner.invoke(app, ["resume", run_id, "--runs-root", str(tmp_path / "runs"),
@@ -57,7 +69,7 @@ def test_diverging_student_names_the_setting_and_resume_with_a_change_reruns_it(
     assert result.exit_code == 0, result.output
     assert "changed: teacher, student" in result.output
     _, data = only_run(tmp_path)
-    assert data["status"] == "completed" and data["attempts"] == 2
+    assert data["status"] == "completed" and data["attempts"] == 3
     assert data["stages"]["teacher.round0"]["state"] == "ran" and data["stages"]["student.distilled"]["state"] == "ran"
     saved = yaml.safe_load((tmp_path / "runs" / run_id / "config.yaml").read_text())
     assert saved["teacher"]["train"]["lr"] == 0.002 and saved["student"]["train"]["lr"] == 0.003
@@ -84,3 +96,28 @@ def test_the_resume_hint_appears_only_where_resuming_can_help(tmp_path):
     nan = NonFiniteLossError("student.distilled", 0, 3, {"ce": float("nan")}, None)
     advice = failure_advice(nan, "R", config)
     assert f"student.train.lr is {config.student.train.lr:g}" in advice and "--set student.train.lr=" in advice
+
+
+def test_prefect_console_shows_failures_without_tracebacks_other_handlers_keep_them(monkeypatch):
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.environment import brief_console_logging
+
+    monkeypatch.delenv("FAT_DISTILL_DEBUG", raising=False)
+    console, kept = io.StringIO(), []
+    logger = logging.getLogger("prefect.task_runs.test_console")
+    keeper = logging.Handler()
+    keeper.emit = kept.append
+    logger.addHandler(PrefectConsoleHandler(stream=console))
+    logger.addHandler(keeper)
+    try:
+        assert brief_console_logging() >= 1
+        try:
+            raise RuntimeError("stage x failed")
+        except RuntimeError:
+            logger.error("Task run failed with exception: RuntimeError('stage x failed')", exc_info=True)
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    assert "Task run failed" in console.getvalue() and "Traceback" not in console.getvalue()
+    assert kept[0].exc_info is not None  # the API (Prefect UI) and run.log still get the traceback

@@ -272,4 +272,30 @@ def _listed_images(config: PipelineConfig) -> tuple[Path, list[str]] | None:
     return Path(data.root), paths
 
 
-__all__ = ["BadImagesError", "PreflightError", "PreflightReport", "check_writable", "preflight"]
+def dataset_manifest_problems(path: str | os.PathLike, frame) -> list[str]:
+    """What makes a dataset manifest unusable beyond its schema: train identities that reappear in
+    query/gallery, and images missing under its dataset root (when that root is here); [] if none."""
+    problems = []
+    known = frame[frame["pid"] > 0]
+    train = set(known.loc[known["split"] == "train", "pid"])
+    shared = sorted(train & set(known.loc[known["split"] != "train", "pid"]))
+    if shared:
+        shown = ", ".join(str(pid) for pid in shared[:SHOWN_BAD_IMAGES])
+        problems.append(f"{len(shared)} identit{'y is' if len(shared) == 1 else 'ies are'} in both train and "
+                        f"query/gallery (pid {shown}{' …' if len(shared) > SHOWN_BAD_IMAGES else ''}): evaluation "
+                        "needs identities unseen in training; split by identity (e.g. data index "
+                        "--split-identities)")
+    root = frame.attrs["manifest"].extra.get("dataset_root")
+    if root:
+        root = Path(root) if Path(root).is_absolute() else Path(path).parent / root
+    if root and root.is_dir():
+        missing = [p for p in frame["path"].astype(str).drop_duplicates() if not (root / p).is_file()]
+        if missing:
+            shown = ", ".join(missing[:SHOWN_BAD_IMAGES])
+            problems.append(f"{len(missing)} image(s) missing under {root}: {shown}"
+                            + (f" (+{len(missing) - SHOWN_BAD_IMAGES} more)" if len(missing) > SHOWN_BAD_IMAGES else ""))
+    return problems
+
+
+__all__ = ["BadImagesError", "PreflightError", "PreflightReport", "check_writable", "dataset_manifest_problems",
+           "preflight"]

@@ -172,10 +172,14 @@ def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             data = load_run_json(run_dir)
-        except ValueError:
-            data = {"run_id": run_dir.name, "status": "damaged", "stages": {}}
+        except (ValueError, OSError):
+            data = {}
         if data is None:
             continue
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            data = {}
+        if not data:  # unreadable: listed so it can be found and removed, without hiding the other runs
+            data = {"run_id": run_dir.name, "status": "damaged", "stages": {}}
         data["status"] = effective_status(data)
         runs.append(data)
     runs.sort(key=lambda d: d.get("created", ""), reverse=True)
