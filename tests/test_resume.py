@@ -226,3 +226,29 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     assert "exiting now" in err, err
     _, data = run_json(runs_root)
     assert data["stages"]["data"]["state"] == "running"  # it never got to finish the stage
+
+
+def test_a_killed_runs_embedded_server_is_reaped_at_the_next_start(tmp_path, monkeypatch):
+    """A server whose CLI is gone is stopped by the next start; one whose CLI lives (another run) is not."""
+    from fat_distill.processes import is_alive, process_identity
+    from flows.server import reap_orphaned_servers, records_dir
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = process_identity(owner.pid)
+    owner.wait()
+    orphan = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    sibling = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        records_dir().mkdir(parents=True)
+        for server, owned_by in ((orphan, gone), (sibling, process_identity())):
+            (records_dir() / f"{server.pid}.json").write_text(json.dumps(
+                {"server": process_identity(server.pid).as_dict(), "owner": owned_by.as_dict()}))
+        assert reap_orphaned_servers() == [orphan.pid]
+        assert orphan.wait(timeout=10) == -signal.SIGTERM
+        assert is_alive(sibling.pid) and [p.name for p in records_dir().iterdir()] == [f"{sibling.pid}.json"]
+    finally:
+        for proc in (orphan, sibling):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
