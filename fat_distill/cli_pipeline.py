@@ -337,15 +337,29 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("give at least one --grid key=v1,v2")
         except ConfigError as exc:
             _fail(exc)
-        from flows.environment import configure_prefect
+        from fat_distill.cancel import RunCancelled, cancel_signal
+        from fat_distill.cli_interrupt import exit_code, run_interruptibly
+        from flows.environment import brief_console_logging, configure_prefect
 
         configure_prefect(Path(cfg.run.runs_root).parent / ".prefect")
+        _preflight(cfg, direct=False)
         from flows.pipeline import run_sweep
+        from flows.server import start_embedded_server, stop_embedded_server_now
 
+        brief_console_logging()
+        start_embedded_server()
         try:
-            results = run_sweep(cfg, parsed)
-        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-            _fail(exc)
+            results = run_interruptibly(lambda: run_sweep(cfg, parsed), console=err_console,
+                                        before_exit=stop_embedded_server_now)
+        except BaseException as exc:
+            signum = cancel_signal()
+            if isinstance(exc, RunCancelled) or signum is not None:
+                err_console.print(f"sweep cancelled ({exc}); finished stages are cached: running the sweep again "
+                                  "reuses them", highlight=False)
+                raise typer.Exit(code=exit_code(signum if signum is not None else signal.SIGINT)) from None
+            if isinstance(exc, (ConfigError, ValueError, OSError, RuntimeError)):
+                _fail(exc)
+            raise
         t = Table(title="sweep")
         for col in ("point", "run", "method", "rank-1", "mAP"):
             t.add_column(col)
