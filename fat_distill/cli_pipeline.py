@@ -122,6 +122,9 @@ def _preflight(config, *, direct: bool) -> None:
             report = preflight(config, folders=folders)
     except (ValueError, FileNotFoundError, OSError) as exc:  # PreflightError is a ValueError
         _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("interrupted before the run started", highlight=False)
+        raise typer.Exit(code=130) from None
     for warning in report.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 

@@ -50,8 +50,14 @@ class SlotRegistry:
 
     @classmethod
     def for_prefect_home(cls) -> SlotRegistry:
+        """This process's registry of the current PREFECT_HOME (one per folder: every pool of the process
+        writes the same record, so they must share its counts)."""
         home = os.environ.get("PREFECT_HOME") or str(Path("~/.prefect").expanduser())
-        return cls(Path(home).expanduser() / FOLDER)
+        folder = (Path(home).expanduser() / FOLDER).absolute()
+        with _REGISTRIES_LOCK:
+            if folder not in _REGISTRIES:
+                _REGISTRIES[folder] = cls(folder)
+            return _REGISTRIES[folder]
 
     @property
     def record(self) -> Path:
@@ -114,5 +120,8 @@ class SlotRegistry:
             total.update(held)
         return total
 
+
+_REGISTRIES: dict[Path, SlotRegistry] = {}
+_REGISTRIES_LOCK = threading.Lock()
 
 __all__ = ["SlotRegistry"]

@@ -51,6 +51,7 @@ def test_diverging_student_names_the_setting_and_resume_with_a_change_reruns_it(
     assert f"continue with: fat-distill resume {run_id}\n" not in result.output  # the same config fails again
     teacher = tmp_path / "runs" / run_id / "stages" / "teacher"
     assert list(teacher.rglob("final.pt"))
+    assert "Traceback" not in result.output and "Traceback" in (tmp_path / "runs" / run_id / "run.log").read_text()
 
     # The same config fails the same way (as the hint said); the console gets one message per failure, the
     # traceback goes to run.log, and no stage is left "running" in run.json.

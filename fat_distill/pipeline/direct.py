@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,8 @@ from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.graph import StageCall, run_graph
 from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id
 from fat_distill.train import resolve_device, set_cpu_threads
+
+log = logging.getLogger("fat_distill.pipeline")
 
 
 @dataclass
@@ -58,6 +61,11 @@ def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, 
     set_cpu_threads(config.run.torch_threads)
     device = config.run.devices[0] if config.run.devices else "auto"
     device = str(resolve_device(device))
+    # The run's log, as a Prefect run has it: the console shows one line per failure, run.log the traceback.
+    handler = logging.FileHandler(paths.run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    library_logger = logging.getLogger("fat_distill")
+    library_logger.addHandler(handler)
     try:
         summary = run_graph(config, paths, state, DirectExecutor(state, device))
     except BaseException as exc:
@@ -66,6 +74,12 @@ def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, 
             state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
         except OSError:  # a full disk fails run.json too: the first error is the one to report
             pass
+        handler.handle(log.makeRecord(log.name, logging.INFO if cancelled else logging.ERROR, __file__, 0,
+                                      "run %s %s: %s", (run_id, "cancelled" if cancelled else "failed", exc),
+                                      None if cancelled else (type(exc), exc, exc.__traceback__)))
         raise
+    finally:
+        library_logger.removeHandler(handler)
+        handler.close()
     state.update(status="completed", metrics=summary)
     return run_id, summary
