@@ -29,7 +29,7 @@ from fat_distill.pipeline.graph import StageCall
 from fat_distill.pipeline.inspect import describe_label_audit
 from fat_distill.pipeline.keys import why_changed
 from fat_distill.pipeline.overrides import apply_overrides, validate_config
-from fat_distill.pipeline.runs import last_components, new_run_id
+from fat_distill.pipeline.runs import last_components, new_run_id, run_log_handler
 from fat_distill.train import set_cpu_threads
 from flows.devices import DevicePool
 
@@ -199,8 +199,7 @@ def _attach_artifacts(paths: RunPaths, summary: dict, state: RunState) -> None:
 def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool) -> dict[str, Any]:
     paths = RunPaths.for_run(config, run_id)
     state = RunState.create(paths, config, resumed=resume)
-    handler = logging.FileHandler(paths.run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = run_log_handler(paths)
     library_logger = logging.getLogger("fat_distill")
     library_logger.addHandler(handler)
     if library_logger.level == logging.NOTSET or library_logger.level > logging.INFO:

@@ -10,7 +10,7 @@ from typing import Any
 from fat_distill.cancel import RunCancelled, cancel_signal, check_cancelled
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.graph import StageCall, run_graph
-from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id
+from fat_distill.pipeline.runs import RunPaths, RunState, new_run_id, run_log_handler
 from fat_distill.train import resolve_device, set_cpu_threads
 
 log = logging.getLogger("fat_distill.pipeline")
@@ -62,8 +62,7 @@ def run_direct(config: PipelineConfig, run_id: str | None = None) -> tuple[str, 
     device = config.run.devices[0] if config.run.devices else "auto"
     device = str(resolve_device(device))
     # The run's log, as a Prefect run has it: the console shows one line per failure, run.log the traceback.
-    handler = logging.FileHandler(paths.run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = run_log_handler(paths)
     library_logger = logging.getLogger("fat_distill")
     library_logger.addHandler(handler)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -86,6 +87,33 @@ class RunPaths:
             except OSError:
                 pass
         return dst
+
+
+class _RunLogHandler(logging.FileHandler):
+    """Writes the run's ``run.log``; what it cannot write (a full disk) is dropped, silently: the run's own
+    error says what happened, and a failing log must not replace it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            pass
+
+
+def run_log_handler(paths: RunPaths) -> logging.Handler:
+    """A handler appending to the run's ``run.log`` (time, level, logger, message; tracebacks included)."""
+    handler = _RunLogHandler(paths.run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
 
 
 class RunState:
