@@ -21,9 +21,19 @@ def temporary_sibling(path: Path) -> Path:
 
 @contextmanager
 def atomic_writer(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[BinaryIO]:
-    """Open a temporary binary file next to ``path``; on success it replaces ``path``, on error it is removed."""
+    """Open a temporary binary file next to ``path``; on success it replaces ``path``, on error it is removed.
+
+    A full disk, a read-only folder or missing permissions raise
+    :class:`fat_distill.disk.OutputError`, which names the path and the cause
+    (torch reports a full disk only as ``unexpected pos …``).
+    """
+    from fat_distill.disk import output_error, write_failure
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, path.parent, action="create the folder") from exc
     tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as handle:
@@ -32,8 +42,16 @@ def atomic_writer(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Bi
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        explained = write_failure(exc, path)
+        if explained is exc:
+            raise
+        raise explained from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # on a read-only folder this fails too; the first error is the one to report
+            pass
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, fsync: bool = True) -> Path:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fat_distill.config_hash import config_hash
+from fat_distill.disk import OutputError
 from fat_distill.manifests import (
     ManifestError,
     diff_manifests,
@@ -45,7 +46,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_MANIFEST_ROOT = Path("data_manifests")
-USER_ERRORS = (ManifestError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+# OutputError: a full disk or a read-only folder, named with its path.
+USER_ERRORS = (ManifestError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+               OutputError)
 
 
 def _fail(exc: BaseException) -> None:
@@ -171,6 +174,9 @@ def data_corrupt(
 
     started = time.perf_counter()
     try:
+        if out.resolve() == manifest.resolve():
+            raise ValueError(f"--out {out} is the input manifest: the clean labels would be overwritten by the "
+                             "noisy ones; write the noisy manifest to another file")
         frame = read_manifest(manifest, "dataset")
         meta = frame.attrs["manifest"]
         root = meta.extra.get("dataset_root")
@@ -226,13 +232,20 @@ def manifest_validate(
     every path must stay inside that root (no absolute paths, no '..' escapes, no symlinks leading out)
     and every image file must exist. Without a root, absolute paths and '..' are still refused, and the
     files are not checked (pass --root). Paths outside the root pass when the manifest was indexed with
-    --allow-outside-root or you pass it here. Exit status 2 if any manifest is invalid.
+    --allow-outside-root or you pass it here. An identity in both train and query/gallery is an
+    error (evaluation needs identities unseen in training). Exit status 2 if any manifest is invalid.
     """
     failed = 0
     for path in paths:
         try:
             frame = read_manifest(path, schema)
             note = _check_dataset_paths(path, frame, allow_outside_root, root)
+            if frame.attrs["manifest"].schema == "dataset":
+                from fat_distill.pipeline.preflight import dataset_manifest_problems
+
+                problems = dataset_manifest_problems(path, frame)
+                if problems:
+                    raise ValueError(f"{path}: " + "; ".join(problems))
         except USER_ERRORS as exc:
             failed += 1
             err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False, soft_wrap=True)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,12 +15,14 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
 
 STATE_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "running": "yellow",
-               "submitted": "dim", "completed": "green", "interrupted": "yellow"}
+               "submitted": "dim", "completed": "green", "interrupted": "yellow", "cancelled": "yellow",
+               "damaged": "bold red"}
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a config value, e.g. --set teacher.rounds=3 (repeatable).")]
@@ -47,35 +50,88 @@ def _load(config_path: Path | None, overrides: list[str] | None, *, demo: bool =
 
 
 def _execute(config, *, run_id: str | None = None, resume: bool = False, direct: bool = False) -> None:
+    from fat_distill.cancel import RunCancelled, cancel_reason, cancel_signal
+    from fat_distill.cli_interrupt import exit_code, run_interruptibly
     from fat_distill.pipeline import new_run_id
     from fat_distill.pipeline.overrides import ConfigError
 
     run_id = run_id or new_run_id(config.run.name)
+    started = time.perf_counter()
+    run_dir = Path(config.run.runs_root) / run_id
+    if not direct:
+        from flows.environment import configure_prefect
+
+        configure_prefect(Path(config.run.runs_root).parent / ".prefect")
+    _preflight(config, direct=direct)
     console.print(f"run [bold]{run_id}[/] — manifests → {config.run.manifests_root}/{run_id}, "
                   f"checkpoints, plots and logs → {config.run.runs_root}/{run_id}", highlight=False)
-    started = time.perf_counter()
+    before_exit = None
     try:
         if direct:
             from fat_distill.pipeline import run_direct
 
-            run_id, summary = run_direct(config, run_id)
+            def work():
+                return run_direct(config, run_id)
         else:
-            from flows.environment import configure_prefect
-
-            configure_prefect(Path(config.run.runs_root).parent / ".prefect")
+            from flows.environment import brief_console_logging
             from flows.pipeline import run_pipeline
+            from flows.server import start_embedded_server, stop_embedded_server_now
 
-            run_id, summary = run_pipeline(config, run_id, resume=resume)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        _show_stages(Path(config.run.runs_root) / run_id)
-        _fail(exc, f"fix the cause, then continue with: fat-distill resume {run_id}")
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted; continue with: fat-distill resume {run_id}")
-        raise typer.Exit(code=130)
-    _show_stages(Path(config.run.runs_root) / run_id)
+            brief_console_logging()
+
+            # From the main thread, before the run's thread: in its own session, so Ctrl-C reaches only us.
+            start_embedded_server()
+            before_exit = stop_embedded_server_now
+
+            def work():
+                return run_pipeline(config, run_id, resume=resume)
+
+        run_id, summary = run_interruptibly(work, console=err_console, before_exit=before_exit)
+    except KeyboardInterrupt:  # Ctrl-C while the embedded server was still starting: no stage ran
+        err_console.print("interrupted before the run started"
+                          + (f"; continue with: fat-distill resume {run_id}" if resume else ""), highlight=False)
+        raise typer.Exit(code=exit_code(signal.SIGINT))
+    except BaseException as exc:
+        signum = cancel_signal()
+        if isinstance(exc, RunCancelled) or signum is not None:
+            _show_stages(run_dir)
+            err_console.print(f"cancelled ({cancel_reason() or exc}); the stopped stage keeps its last epoch "
+                              f"checkpoint. Continue with: fat-distill resume {run_id}", highlight=False)
+            raise typer.Exit(code=exit_code(signum if signum is not None else signal.SIGINT)) from None
+        if isinstance(exc, (ConfigError, ValueError, OSError, RuntimeError, KeyError)):
+            from fat_distill.pipeline.advice import failure_advice
+
+            _show_stages(run_dir)
+            _fail(exc, failure_advice(exc, run_id, config))
+        raise
+    _show_stages(run_dir)
     _show_metrics(summary)
     console.print(f"done in {time.perf_counter() - started:.0f}s — run {run_id}; "
                   f"inspect with: fat-distill inspect {run_id}", highlight=False)
+
+
+def _preflight(config, *, direct: bool) -> None:
+    """Check images, weights, devices, sizes, folders and free disk before the first stage (exit 2 if not)."""
+    import os
+
+    from fat_distill.pipeline.preflight import preflight
+
+    folders = [] if direct or os.environ.get("PREFECT_API_URL") else [Path(os.environ["PREFECT_HOME"])]
+    try:
+        with err_console.status("checking images, weights, devices and output folders …"):
+            report = preflight(config, folders=folders)
+    except (ValueError, FileNotFoundError, OSError) as exc:  # PreflightError is a ValueError
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("interrupted before the run started", highlight=False)
+        raise typer.Exit(code=130) from None
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+
+def _state_text(state: Any) -> Text:
+    """A run's or stage's state, coloured; plain text, so no value is read as console markup."""
+    return Text(str(state), style=STATE_STYLE.get(str(state), ""))
 
 
 def _show_stages(run_dir: Path) -> None:
@@ -89,8 +145,8 @@ def _show_stages(run_dir: Path) -> None:
         t.add_column(col, overflow="fold")
     for name, entry in data.get("stages", {}).items():
         state = entry.get("state", "?")
-        t.add_row(name, f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(entry.get("seconds", "")),
-                  str(entry.get("device", "")), str(entry.get("why") or entry.get("error") or ""))
+        t.add_row(Text(name), _state_text(state), str(entry.get("seconds", "")),
+                  str(entry.get("device", "")), Text(str(entry.get("why") or entry.get("error") or "")))
     console.print(t)
 
 
@@ -259,16 +315,24 @@ def register(app: typer.Typer) -> None:
             "--allow-outside-root",
             help="Read images whose manifest paths are absolute, climb out of the dataset root with '..' or are "
                  "symlinks leading out of it (same as --set data.allow_outside_root=true).")] = False,
+        verify: Annotated[bool, typer.Option(
+            "--verify", help="Before the run, decode every image fully (default: a quick check of each file's "
+                             "header and end; same as --set data.verify=true).")] = False,
+        skip_bad: Annotated[bool, typer.Option(
+            "--skip-bad", help="Leave missing or undecodable images out of the run instead of stopping "
+                               "(same as --set data.skip_bad=true).")] = False,
     ) -> None:
         """Run the pipeline: data → noise → teacher rounds → soft labels → student + baselines → evaluation.
 
         Embedded Prefect by default (no server to start); with PREFECT_API_URL set the run reports to that
-        server. Finished stages with unchanged inputs, config and code are taken from cache.
+        server. Finished stages with unchanged inputs, config and code are taken from cache. Before the
+        first stage, every image, weights file, device and output folder is checked.
+        Ctrl-C (or SIGTERM) stops the running stage at its next batch; `fat-distill resume` continues.
         """
         from fat_distill.pipeline.overrides import ConfigError
 
-        if allow_outside_root:
-            overrides = [*(overrides or []), "data.allow_outside_root=true"]
+        flags = {"data.allow_outside_root": allow_outside_root, "data.verify": verify, "data.skip_bad": skip_bad}
+        overrides = [*(overrides or []), *(f"{key}=true" for key, on in flags.items() if on)]
         try:
             cfg = _load(config, overrides)
         except ConfigError as exc:
@@ -297,19 +361,37 @@ def register(app: typer.Typer) -> None:
     @app.command("resume")
     def resume(
         run_id: Annotated[str, typer.Argument(
-            help="Run id (or a unique prefix) of a failed or killed run, or 'latest' (the newest run).")],
+            help="Run id (or a unique prefix) of a failed, cancelled or killed run, or 'latest' (the newest run).")],
         runs_root: RunsRootOption = Path("runs"),
+        overrides: Annotated[Optional[list[str]], typer.Option(
+            "--set", "-s", help="Change a value of the run's saved config, e.g. --set teacher.train.lr=3e-4 "
+                                "(repeatable): that section's stages and every stage after them run again.")] = None,
     ) -> None:
         """Continue a run with its saved config: finished stages from cache, the interrupted one from its
-        last epoch checkpoint."""
+        last epoch checkpoint.
+
+        With --set, the changed config sections' stages (their checkpoints and manifests) are discarded and
+        run again with the new values, and so is every stage after them; earlier stages are reused.
+        A run whose process is still alive is refused.
+        """
         from fat_distill.pipeline.overrides import ConfigError
-        from fat_distill.pipeline.runs import find_run
+        from fat_distill.pipeline.rerun import discard_stale_stages
+        from fat_distill.pipeline.runs import RunPaths, find_run, load_run_json, run_process_alive
 
         try:
             run_dir = find_run(runs_root, run_id)
-            cfg = _load(run_dir / "config.yaml", [])
+            data = load_run_json(run_dir) or {}
+            if data.get("status") == "running" and run_process_alive(data):
+                raise ValueError(f"run {run_dir.name} is still running (PID {data.get('pid')}); stop it first "
+                                 f"(Ctrl-C in its terminal, or kill {data.get('pid')}) or wait for it to end")
+            saved = _load(run_dir / "config.yaml", [])
+            cfg = _load(run_dir / "config.yaml", overrides) if overrides else saved
+            sections, discarded = discard_stale_stages(RunPaths.for_run(saved, run_dir.name), saved, cfg)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             _fail(exc)
+        if sections:
+            console.print(f"changed: {', '.join(sections)}; discarded {len(discarded)} stale stage folder(s) and "
+                          "manifest(s): those stages and every stage after them run again", highlight=False)
         _execute(cfg, run_id=run_dir.name, resume=True)
 
     @app.command("sweep")
@@ -346,22 +428,36 @@ def register(app: typer.Typer) -> None:
         if watch:
             _fail(ValueError("--watch follows a sweep started with --deployment; a local sweep shows its points "
                              "anyway"))
-        from flows.environment import configure_prefect
+        from fat_distill.cancel import RunCancelled, cancel_signal
+        from fat_distill.cli_interrupt import exit_code, run_interruptibly
+        from fat_distill.pipeline.sweeps import inspect_sweep, new_sweep_id, sweep_dir
+        from flows.environment import brief_console_logging, configure_prefect
 
         configure_prefect(Path(cfg.run.runs_root).parent / ".prefect")
-        from fat_distill.pipeline.sweeps import inspect_sweep, new_sweep_id, sweep_dir
+        _preflight(cfg, direct=False)
         from flows.pipeline import run_sweep
+        from flows.server import start_embedded_server, stop_embedded_server_now
 
         sweep_id = new_sweep_id(cfg.run.name)
         folder = sweep_dir(cfg.run.runs_root, sweep_id)
         console.print(f"sweep [bold]{sweep_id}[/] — table → {folder}/sweep.parquet, "
                       f"point i runs as {sweep_id}-i", highlight=False)
+        brief_console_logging()
+        start_embedded_server()
         try:
-            run_sweep(cfg, parsed, sweep_id)
-        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-            if folder.exists():
-                _show_sweep(inspect_sweep(folder))
-            _fail(exc)
+            run_interruptibly(lambda: run_sweep(cfg, parsed, sweep_id), console=err_console,
+                              before_exit=stop_embedded_server_now)
+        except BaseException as exc:
+            signum = cancel_signal()
+            if isinstance(exc, RunCancelled) or signum is not None:
+                err_console.print(f"sweep cancelled ({exc}); finished stages are cached: running the sweep again "
+                                  "reuses them", highlight=False)
+                raise typer.Exit(code=exit_code(signum if signum is not None else signal.SIGINT)) from None
+            if isinstance(exc, (ConfigError, ValueError, OSError, RuntimeError)):
+                if folder.exists():
+                    _show_sweep(inspect_sweep(folder))
+                _fail(exc)
+            raise
         _show_sweep(inspect_sweep(folder))
         console.print(f"inspect with: fat-distill inspect {sweep_id}", highlight=False)
 

@@ -6,10 +6,6 @@ Limits are named ``fat-distill-device-<i>`` (i = position in ``run.devices``) wi
 number of stages, across every flow that talks to the same Prefect server.
 Without CUDA, ``auto`` is the CPU; ``devices: [cpu, cpu]`` gives two virtual devices
 (useful to test scheduling, and to run two CPU stages at once).
-
-With the embedded server, runs of one project share the limits through the database under
-PREFECT_HOME; each process records the slots it holds there (:mod:`flows.slot_holders`), so
-that a flow start frees the slots of killed runs and never those of a live one.
 """
 
 from __future__ import annotations
@@ -22,13 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from flows.slot_holders import SlotHolders, SlotRecord
+from fat_distill.cancel import check_cancelled
+from flows.slot_registry import SlotRegistry
 
 log = logging.getLogger("fat_distill.devices")
 
@@ -42,6 +39,9 @@ LEASE_SECONDS = 60
 # task-run recorder's and is answered 503 after ~2 s, then retried 2 s later. The next stage of a chain
 # (teacher round r+1 after r, the queued students) asks within a fraction of a second.
 HANDOVER_SECONDS = 5.0
+# How long one try to take a slot waits on the server; tries repeat every POLL_SECONDS. Short, because it
+# holds the folder's slot lock, which the holder needs to give its slot back.
+TAKE_TIMEOUT_SECONDS = 1
 
 
 def expand_devices(devices: list[str]) -> list[str]:
@@ -49,8 +49,6 @@ def expand_devices(devices: list[str]) -> list[str]:
     out: list[str] = []
     for name in devices or ["auto"]:
         if name == "auto":
-            import torch  # only here: a pool of named devices needs no torch (nor do the tests' helper processes)
-
             if torch.cuda.is_available():
                 out.extend(f"cuda:{i}" for i in range(torch.cuda.device_count()))
             else:
@@ -60,18 +58,6 @@ def expand_devices(devices: list[str]) -> list[str]:
     return out
 
 
-@dataclass
-class _Slot:
-    """A Prefect slot this process holds: the concurrency context to exit, and its holder record (embedded)."""
-
-    context: Any
-    record: SlotRecord | None
-
-
-def _embedded() -> bool:
-    return "PREFECT_API_URL" not in os.environ
-
-
 class DevicePool:
     """The devices a flow schedules stages on, backed by Prefect global concurrency limits."""
 
@@ -79,6 +65,8 @@ class DevicePool:
         self.devices = expand_devices(devices)
         self.max_tasks = max_tasks_per_device
         self.prefix = prefix
+        # Embedded server: this process's record of its slots (set by create_limits); None on a shared server.
+        self._registry: SlotRegistry | None = None
         self._next = 0
         self._lock = threading.Lock()
         # In-process view of free slots: stages of this flow wait on a condition instead of polling the
@@ -86,12 +74,11 @@ class DevicePool:
         # against other flows and processes using the same devices.
         self._local_free = [max_tasks_per_device] * len(self.devices)
         self._changed = threading.Condition(self._lock)
-        # Prefect slots released by a stage and not yet given back to the server: (slot, expiry timer).
-        self._parked: list[list[tuple[_Slot, threading.Timer]]] = [[] for _ in self.devices]
+        # Prefect slots released by a stage and not yet given back to the server: (context, expiry timer).
+        self._parked: list[list[tuple[Any, threading.Timer]]] = [[] for _ in self.devices]
         # Slots are taken and given back on this thread, outside any task run: Prefect releases the
         # leases a task run took when that run ends, which would defeat parking a slot for the next one.
         self._server_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fat-distill-device-slots")
-        self._holders = _holder_records() if _embedded() else None
         # Stages on a device run on that device's own threads. torch keeps an OpenMP thread team per
         # calling thread; a second live team on the same cores made each later student ~25 % slower
         # (measured: 4.5 s -> 5.6 s per 8 epochs when the previous trainer's thread stayed alive).
@@ -106,26 +93,45 @@ class DevicePool:
     def slots(self) -> int:
         return len(self.devices) * self.max_tasks
 
-    def create_limits(self, *, free_dead: bool | None = None) -> None:
+    def create_limits(self, *, reset_stale: bool | None = None) -> None:
         """Create or update the per-device limits.
 
         Args:
-            free_dead: give back the slots that killed processes left held. Default: only for
-                the embedded server (no PREFECT_API_URL), where runs of one project share the
-                database and record their slots (:class:`flows.slot_holders.SlotHolders`), so only
-                slots without a live holder are freed (a stage waiting for a device frees them
-                too). On a shared server, slots of killed runs are freed when their lease
-                (``LEASE_SECONDS``, renewed while held) expires.
+            reset_stale: free the slots held by processes that are gone. Default: only for the
+                embedded server (no PREFECT_API_URL), whose leases die with the server of the
+                killed run; the processes of one folder record their slots
+                (:class:`flows.slot_registry.SlotRegistry`), and a limit is lowered to what live
+                processes hold: a live run's slots are never freed. On a shared server, slots of
+                killed runs are freed when their lease (``LEASE_SECONDS``, renewed while held) expires.
         """
-        if free_dead is None:
-            free_dead = self._holders is not None
-        with get_client(sync_client=True) as client:
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+        if reset_stale is None:
+            reset_stale = "PREFECT_API_URL" not in os.environ
+        if reset_stale and self._registry is None:
+            self._registry = SlotRegistry.for_prefect_home()
+        with self._exclusive(), get_client(sync_client=True) as client:
+            live = self._registry.live_holdings() if reset_stale else None
             for i in range(len(self.devices)):
-                client.upsert_global_concurrency_limit_by_name(self.limit_name(i), self.max_tasks)
-        if free_dead and self._holders is not None:
-            for i in range(len(self.devices)):
-                self._free_dead_slots(i)
+                name = self.limit_name(i)
+                client.upsert_global_concurrency_limit_by_name(name, self.max_tasks)
+                if live is None:
+                    continue
+                active = client.read_global_concurrency_limit_by_name(name).active_slots
+                if active > live[name]:
+                    log.warning("device pool: %s had %d slot(s) held by runs that were killed; freeing them "
+                                "(%d held by live runs stay)", name, active - live[name], live[name])
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=live[name]))
         log.info("device pool: %s, %d stage(s) per device", ", ".join(self.devices), self.max_tasks)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The cross-process slot lock of the embedded server's folder (nothing on a shared server)."""
+        if self._registry is None:
+            yield
+        else:
+            with self._registry.exclusive():
+                yield
 
     @contextmanager
     def acquire(self, stage: str) -> Iterator[tuple[int, str]]:
@@ -142,9 +148,10 @@ class DevicePool:
                 index = next((i for i in free if self._parked[i]), free[0])  # a parked slot needs no server call
                 self._local_free[index] -= 1
             try:
-                slot = self._take_slot(index)
+                ctx = self._take_slot(index)
             except TimeoutError:  # another process holds this device: give the local slot back, retry
                 self._release_local(index)
+                check_cancelled(f"stage {stage} (waiting for {self.devices[index]})")
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
@@ -154,7 +161,7 @@ class DevicePool:
                 log.info("%s: running on %s (slot of %s)", stage, self.devices[index], self.limit_name(index))
                 yield index, self.devices[index]
             finally:
-                self._park_slot(index, slot)
+                self._park_slot(index, ctx)
                 self._release_local(index)
             return
 
@@ -185,20 +192,21 @@ class DevicePool:
                     self._changed.wait()
                 for i in indices:
                     self._local_free[i] -= 1
-            held: list[tuple[int, _Slot]] = []
+            held: list[tuple[int, Any]] = []
             try:
                 for i in indices:  # ascending order: processes competing for the same devices do not interlock
                     held.append((i, self._take_slot(i)))
             except TimeoutError:  # another process holds one of them: give everything back, retry
-                for i, slot in reversed(held):
-                    self._park_slot(i, slot)
+                for i, ctx in reversed(held):
+                    self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
+                check_cancelled(f"stage {stage} (waiting for {', '.join(self.devices[i] for i in indices)})")
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
-                for i, slot in reversed(held):
-                    self._park_slot(i, slot)
+                for i, ctx in reversed(held):
+                    self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
                 raise
@@ -207,8 +215,8 @@ class DevicePool:
                 log.info("%s: running data-parallel on %s", stage, ", ".join(names))
                 yield indices, names
             finally:
-                for i, slot in reversed(held):
-                    self._park_slot(i, slot)
+                for i, ctx in reversed(held):
+                    self._park_slot(i, ctx)
                 for i in indices:
                     self._release_local(i)
             return
@@ -218,7 +226,7 @@ class DevicePool:
         context = contextvars.copy_context()
         return self._device_threads[index].submit(context.run, fn, *args, **kwargs).result()
 
-    def _take_slot(self, index: int) -> _Slot:
+    def _take_slot(self, index: int) -> Any:
         """A Prefect slot of device ``index``: a parked one (no server call) or a newly acquired one.
 
         Raises:
@@ -226,64 +234,57 @@ class DevicePool:
         """
         with self._lock:
             if self._parked[index]:
-                slot, timer = self._parked[index].pop()
+                ctx, timer = self._parked[index].pop()
                 timer.cancel()
-                return slot
+                return ctx
         name = self.limit_name(index)
 
         def enter() -> Any:
-            ctx = concurrency(name, occupy=1, timeout_seconds=5, strict=True, lease_duration=LEASE_SECONDS)
-            ctx.__enter__()
+            with self._exclusive():
+                if self._registry is not None:  # recorded first: a kill then leaves a record, never a lost slot
+                    self._registry.add(name)
+                try:
+                    ctx = concurrency(name, occupy=1, timeout_seconds=TAKE_TIMEOUT_SECONDS, strict=True,
+                                      lease_duration=LEASE_SECONDS)
+                    ctx.__enter__()
+                except BaseException:
+                    if self._registry is not None:
+                        self._registry.remove(name)
+                    raise
             return ctx
 
-        def enter_recorded() -> _Slot:
-            try:
-                with self._holders.taking(name) as record:
-                    return _Slot(enter(), record)
-            except TimeoutError:
-                # Held elsewhere: by a live run, or by a killed one whose slot nobody has freed yet.
-                try:
-                    self._free_dead_slots(index)
-                except Exception as exc:  # noqa: BLE001 - the wait goes on; the next timeout tries again
-                    log.warning("device pool: could not check %s for slots of killed runs (%s)", name, exc)
-                raise
+        return self._server_calls.submit(enter).result()
 
-        if self._holders is None:
-            return _Slot(self._server_calls.submit(enter).result(), None)
-        return self._server_calls.submit(enter_recorded).result()
-
-    def _free_dead_slots(self, index: int) -> None:
-        name = self.limit_name(index)
-        with get_client(sync_client=True) as client:
-            freed = self._holders.free_dead_slots(client, name)
-        if freed:
-            log.warning("device pool: %s had %d slot(s) held by killed runs; freed them", name, freed)
-
-    def _park_slot(self, index: int, slot: _Slot) -> None:
+    def _park_slot(self, index: int, ctx: Any) -> None:
         """Keep a stage's Prefect slot for ``HANDOVER_SECONDS`` before giving it back to the server."""
-        timer = threading.Timer(HANDOVER_SECONDS, self._expire, args=(index, slot))
+        timer = threading.Timer(HANDOVER_SECONDS, self._expire, args=(index, ctx))
         timer.daemon = True
         with self._lock:
-            self._parked[index].append((slot, timer))
+            self._parked[index].append((ctx, timer))
         timer.start()
 
-    def _expire(self, index: int, slot: _Slot) -> None:
+    def _expire(self, index: int, ctx: Any) -> None:
         with self._lock:
-            entry = next((e for e in self._parked[index] if e[0] is slot), None)
+            entry = next((e for e in self._parked[index] if e[0] is ctx), None)
             if entry is None:  # taken by the next stage meanwhile
                 return
             self._parked[index].remove(entry)
-        self._give_back(index, slot)
+        self._give_back(index, ctx)
 
-    def _give_back(self, index: int, slot: _Slot) -> None:
+    def _give_back(self, index: int, ctx: Any) -> None:
+        name = self.limit_name(index)
+
+        def leave() -> None:
+            with self._exclusive():
+                ctx.__exit__(None, None, None)
+                if self._registry is not None:
+                    self._registry.remove(name)
+
         try:
-            self._server_calls.submit(slot.context.__exit__, None, None, None).result()
+            self._server_calls.submit(leave).result()
         except Exception as exc:  # noqa: BLE001 - the lease then expires on its own after LEASE_SECONDS
             log.warning("device pool: could not release a slot of %s (%s); its lease expires in %d s",
-                        self.limit_name(index), exc, LEASE_SECONDS)
-        finally:
-            if slot.record is not None:  # this process no longer holds it: the next flow start may free it
-                self._holders.release(slot.record)
+                        name, exc, LEASE_SECONDS)
 
     def close(self) -> None:
         """Give every parked slot back to the server now (at the end of a flow)."""
@@ -291,18 +292,11 @@ class DevicePool:
             parked = [(i, entry) for i, entries in enumerate(self._parked) for entry in entries]
             for entries in self._parked:
                 entries.clear()
-        for index, (slot, timer) in parked:
+        for index, (ctx, timer) in parked:
             timer.cancel()
-            self._give_back(index, slot)
+            self._give_back(index, ctx)
 
     def _release_local(self, index: int) -> None:
         with self._changed:
             self._local_free[index] += 1
             self._changed.notify_all()
-
-
-def _holder_records() -> SlotHolders | None:
-    """The slot records of the embedded server's home (None where ``flock`` is missing: nothing is freed)."""
-    from prefect.settings import get_current_settings
-
-    return SlotHolders(get_current_settings().home) if SlotHolders.supported() else None

@@ -8,6 +8,7 @@ the same flows report to that server.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -37,3 +38,41 @@ def configure_prefect(home: str | os.PathLike | None = None) -> dict[str, str]:
         # Prefect creates its home without parents and then fails to open its database.
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     return applied
+
+
+class _BriefFormatter(logging.Formatter):
+    """Formats a record with another formatter, leaving out its traceback (kept for the other handlers)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def brief_console_logging() -> int:
+    """Leave tracebacks out of Prefect's console output (not out of the API's logs) unless FAT_DISTILL_DEBUG is set.
+
+    A failed stage is then one error line from Prefect and the CLI's own message;
+    the traceback stays in the Prefect UI and in the run's ``run.log``. Returns
+    the number of console handlers changed. Call it after Prefect is imported.
+    """
+    if os.environ.get("FAT_DISTILL_DEBUG"):
+        return 0
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    changed = 0
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _BriefFormatter):
+                handler.setFormatter(_BriefFormatter(handler.formatter))
+                changed += 1
+    return changed

@@ -28,15 +28,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from fat_distill.cancel import CancelToken, RunCancelled, cancel_reason, cancel_scope, cancel_signal, check_cancelled
 from fat_distill.pipeline import PipelineConfig, RunPaths, RunState, run_graph
 from fat_distill.pipeline.config import RetriesSection
 from fat_distill.pipeline.graph import StageCall
 from fat_distill.pipeline.inspect import describe_label_audit
 from fat_distill.pipeline.keys import why_changed
 from fat_distill.pipeline.overrides import apply_overrides, validate_config
-from fat_distill.pipeline.runs import last_components, new_run_id
+from fat_distill.pipeline.runs import last_components, new_run_id, run_log_handler
 from fat_distill.pipeline.stages import log_resume, split_training, training_entry
 from fat_distill.pipeline.sweeps import (
     SWEEP_TABLE,
@@ -55,8 +58,9 @@ from flows.watch import STAGE_KEY_PREFIX
 
 log = logging.getLogger("fat_distill.flows")
 
-# Per-run objects the task threads need (they are not task parameters: tasks take paths and small values).
-_RUNS: dict[str, tuple[RunState, DevicePool]] = {}
+# Per-run objects the task threads need (they are not task parameters: tasks take paths and small values):
+# the run's state file, its device pool, and the token that stops its stages when another one failed.
+_RUNS: dict[str, tuple[RunState, DevicePool, CancelToken]] = {}
 # The device pool a sweep's point subflows share, by sweep id (not a flow parameter: it holds threads).
 _SWEEP_POOLS: dict[str, DevicePool] = {}
 
@@ -96,16 +100,36 @@ def stage_task(call_name: str, cache_key: str, run_id: str, stage_fn: str, kwarg
     """
     from fat_distill.pipeline import stages
 
-    state, pool = _RUNS[run_id]
+    if run_id not in _RUNS:  # picked up by a worker thread after its run ended
+        raise RunCancelled(f"stage {call_name} not started: run {run_id} has ended")
+    state, pool, token = _RUNS[run_id]
     fn = getattr(stages, stage_fn)
-    started = time.time()
-    state.stage(call_name, state="running", started=started)
+    try:
+        with cancel_scope(token):
+            check_cancelled(f"stage {call_name} (not started)")  # a cancelled or failed run starts nothing new
+            out = _run_stage(state, pool, call_name, fn, kwargs, needs_device, parallel_devices)
+    except BaseException as exc:  # RunCancelled is raised, not returned as a Cancelled state: that one is cached
+        cancelled = isinstance(exc, RunCancelled)
+        try:
+            state.stage(call_name, state="cancelled" if cancelled else "failed",
+                        error=str(exc) if cancelled else f"{type(exc).__name__}: {exc}", finished=time.time())
+        except OSError:  # run.json cannot be written either (a full disk): report the stage's own error
+            pass
+        raise
+    # Recorded here too, not only when the flow collects the result: a run that fails elsewhere first
+    # never collects it, and the stage would stay "running" in run.json.
+    state.stage(call_name, state="ran", outputs=out, finished=time.time())
+    return out
+
+
+def _run_stage(state: RunState, pool: DevicePool, call_name: str, fn, kwargs: dict[str, Any], needs_device: bool,
+               parallel_devices: list[str] | None) -> dict:
+    state.stage(call_name, state="running", started=time.time())
     if not needs_device:
-        out = fn(**kwargs)
-        state.stage(call_name, finished=time.time())
-        return out
+        return fn(**kwargs)
     if parallel_devices:
         with pool.acquire_devices(call_name, parallel_devices) as (indices, devices):
+            check_cancelled(f"stage {call_name} (not started)")
             state.stage(call_name, device=",".join(devices), device_index=indices[0], device_indices=indices,
                         slot_acquired=time.time())
             try:  # the stage spawns one process per train.devices entry
@@ -113,6 +137,7 @@ def stage_task(call_name: str, cache_key: str, run_id: str, stage_fn: str, kwarg
             finally:
                 state.stage(call_name, slot_released=time.time())
     with pool.acquire(call_name) as (index, device):
+        check_cancelled(f"stage {call_name} (not started)")
         state.stage(call_name, device=device, device_index=index, device_indices=[index], slot_acquired=time.time())
         try:
             return pool.run_on(index, fn, **kwargs, device=device)
@@ -149,7 +174,8 @@ class _StageHandle:
                 value, cached = self.future.result(), False
                 self.why = "cached outputs were deleted"
         except BaseException as exc:
-            state.stage(call.name, state="failed", error=f"{type(exc).__name__}: {exc}")
+            if state.stage_entry(call.name).get("state") not in ("failed", "cancelled"):
+                state.stage(call.name, state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
         entry = state.stage_entry(call.name)
         if "slot_acquired" in entry:  # time on the device, not the wait for a free slot
@@ -198,14 +224,15 @@ def stage_tags(call: StageCall, run_id: str, pool: DevicePool) -> list[str]:
 class PrefectExecutor:
     """Submits stage calls as Prefect task runs of :func:`stage_task`."""
 
-    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, retries: RetriesSection | None = None):
+    def __init__(self, state: RunState, pool: DevicePool, runs_root: str, token: CancelToken,
+                 retries: RetriesSection | None = None):
         self.state = state
         self.pool = pool
         self.runs_root = runs_root
         self.retries = retries or RetriesSection()
         # Relative to the flow's working directory (the project, on every worker): portable across hosts.
         self.result_storage = Path(runs_root) / RESULTS_FOLDER
-        _RUNS[state.paths.run_id] = (state, pool)
+        _RUNS[state.paths.run_id] = (state, pool, token)
 
     def _submit(self, call: StageCall, refresh: bool):
         kwargs = dict(call.kwargs)
@@ -288,12 +315,12 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
     if sweep_point is not None:
         state.update(sweep=sweep_point)
     sweep_point = state.data.get("sweep")  # a resumed point is still part of its sweep
-    handler = logging.FileHandler(paths.run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = run_log_handler(paths)
     library_logger = logging.getLogger("fat_distill")
     library_logger.addHandler(handler)
     if library_logger.level == logging.NOTSET or library_logger.level > logging.INFO:
         library_logger.setLevel(logging.INFO)
+    token = CancelToken()
     try:
         state.update(flow_run_id=_flow_run_id())
         for method, student in config.student_configs().items():  # before hours of teacher training, not after
@@ -301,13 +328,27 @@ def _run_one(config: PipelineConfig, run_id: str, pool: DevicePool, resume: bool
                 pool.indices_for(f"student.{method}", student.train.devices)
         label = sweep_point["label"] if sweep_point else ""
         # A sweep point runs as a subflow named after its point: its task runs are told apart there.
-        executor = PrefectExecutor(state, pool, config.run.runs_root, config.run.retries)
-        summary = run_graph(config, paths, state, executor)
+        executor = PrefectExecutor(state, pool, config.run.runs_root, token, config.run.retries)
+        with cancel_scope(token):
+            summary = run_graph(config, paths, state, executor)
         state.update(status="completed", metrics=summary, error=None)
         _attach_artifacts(paths, summary, state, label or None)
         return summary
     except BaseException as exc:
-        state.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        cancelled = isinstance(exc, RunCancelled) or cancel_signal() is not None
+        # The run is over: its other stages stop at their next batch, and queued ones do not start.
+        token.cancel(f"run {run_id} {'was cancelled' if cancelled else 'failed'}")
+        try:
+            state.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+            for name, entry in list(state.data["stages"].items()):
+                if entry.get("state") == "submitted":  # queued: Prefect drops it when the flow ends
+                    state.stage(name, state="cancelled", error=f"not started: {token.reason}")
+        except OSError as state_error:  # a full disk fails run.json too: report the first error, not this one
+            log.warning("could not record the end of run %s in run.json: %s", run_id, state_error)
+        # The traceback goes to run.log only: the console shows one line (see brief_console_logging).
+        handler.handle(log.makeRecord(log.name, logging.INFO if cancelled else logging.ERROR, __file__, 0,
+                                      "run %s %s: %s", (run_id, "cancelled" if cancelled else "failed", exc),
+                                      None if cancelled else (type(exc), exc, exc.__traceback__)))
         raise
     finally:
         if sweep_point is not None:
@@ -343,6 +384,8 @@ def pipeline(config: dict[str, Any], run_id: str, resume: bool = False) -> dict[
                           cfg.run.manifests_root, run_id, cfg.run.runs_root, run_id)
     try:
         return _run_one(cfg, run_id, pool, resume)
+    except RunCancelled as exc:  # the flow run ends Cancelled, not Failed
+        return Cancelled(message=str(exc))
     finally:
         pool.close()
 
@@ -431,7 +474,10 @@ def run_pipeline(config: PipelineConfig, run_id: str | None = None, *, resume: b
     workers = max(2, len(config.run.devices) * config.run.max_tasks_per_device + 2)
     flow_fn = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers),
                                     flow_run_name=run_id)
-    summary = flow_fn(config=config.model_dump(mode="json"), run_id=run_id, resume=resume)
+    try:
+        summary = flow_fn(config=config.model_dump(mode="json"), run_id=run_id, resume=resume)
+    except CancelledRun as exc:
+        raise RunCancelled(str(exc), cancel_reason() or "", cancel_signal()) from None
     return run_id, summary
 
 

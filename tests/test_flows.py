@@ -87,10 +87,6 @@ def test_a_device_slot_is_never_held_by_two_processes_at_once(tmp_path):
     import uuid
     from pathlib import Path
 
-    from prefect.settings import get_current_settings
-
-    from flows.slot_holders import FOLDER
-
     prefix = f"test-processes-{uuid.uuid4().hex[:8]}"
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
@@ -131,8 +127,6 @@ def test_a_device_slot_is_never_held_by_two_processes_at_once(tmp_path):
     second_held = json.loads(second_out.read_text())
     # The device was the first process's from held_from until it died; the second got it only afterwards.
     assert held_from < killed_at <= second_held["got"] <= second_held["released"]
-    # The killed process's record was cleared when its slot was freed, the second's when it gave its slot back.
-    assert list((get_current_settings().home / FOLDER / f"{prefix}-0").iterdir()) == []
 
 
 def test_metrics_and_stage_summary_are_artifacts_of_the_flow_run(prefect_run):

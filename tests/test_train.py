@@ -9,6 +9,7 @@ import torch
 from fat_distill.models import build_model
 from fat_distill.train import (
     CheckpointError,
+    LossDivergedError,
     NonFiniteLossError,
     TrainConfig,
     build_objective,
@@ -106,6 +107,25 @@ def test_nan_loss_names_stage_epoch_batch_and_checkpoint(image_frame):
     msg = str(err.value)
     assert "stage 'unit'" in msg and "epoch" in msg and "batch" in msg
     assert err.value.last_checkpoint is None or err.value.last_checkpoint.exists()
+
+
+def test_diverging_loss_stops_the_stage_before_it_reaches_nan(image_frame):
+    """lr 1e6 with Adam: the loss reaches 1e12 without ever being NaN; it used to train on to the end."""
+    root, frame = image_frame
+    config = small_config(epochs=3, lr=1e6, optimizer="adam", warmup_epochs=0)
+    with pytest.raises(LossDivergedError) as err:
+        run(root, frame, config, ckpt="diverge")
+    assert str(err.value).startswith("diverging loss") and "in stage 'unit', epoch 1, batch 2" in str(err.value)
+    assert err.value.loss > 1e3 * max(err.value.reference, 1.0)
+    assert not (root / "diverge" / "final.pt").exists()
+
+
+def test_divergence_reference_survives_a_resume(image_frame):
+    """After a resume, the guard compares with the first batch of the first attempt, kept in the checkpoint."""
+    root, frame = image_frame
+    run(root, frame, small_config(epochs=1, lr=3e-3), ckpt="ref")
+    state = load_checkpoint(root / "ref" / "epoch-0000.pt")
+    assert state["loss_reference"] > 0
 
 
 def test_resolve_device():

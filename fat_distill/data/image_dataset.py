@@ -47,7 +47,7 @@ def decode_image_file(path: str | Path, *, sample_id: str | None = None, hint: s
     JPEG, PNG, GIF and WEBP are decoded by ``torchvision.io.decode_image``; other
     formats (PGM, BMP, TIFF …) by PIL. The format is recognised from the file's
     content, not its extension. Greyscale and palette images are expanded to RGB,
-    alpha is dropped.
+    alpha is dropped, CMYK is converted, and 16-bit images are scaled to 8 bits.
 
     Args:
         path: the image file.
@@ -71,10 +71,16 @@ def decode_image_file(path: str | Path, *, sample_id: str | None = None, hint: s
     try:
         if _decoded_natively(data):
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if image.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: 0..65535 → 0..255
+                image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
         else:
             with Image.open(io.BytesIO(data)) as opened:
                 # convert() forces a full decode, so truncation fails here, not later.
-                array = np.asarray(opened.convert("RGB"))
+                if opened.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: convert() would clip
+                    grey = np.asarray(opened, dtype=np.float64) * (255.0 / 65535.0)
+                    array = np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+                else:
+                    array = np.asarray(opened.convert("RGB"))
             image = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     except Exception as error:  # noqa: BLE001 - decoders raise RuntimeError, OSError, ValueError, SyntaxError …
         raise ImageDecodeError(

@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fat_distill.data.layouts import UnreadableImageError
 from fat_distill.data.paths import check_sample_paths
 
 NOISE_KINDS: tuple[str, ...] = ("flip", "pair", "outlier", "multi")
@@ -597,8 +598,18 @@ def _mean_image(rows: pd.DataFrame, root: Path) -> np.ndarray:
                 f"mean_image pairing: image {file} (sample_id {sid!r}) does not exist; check image_root "
                 f"({root}) or use pairing='derangement'"
             )
-        with Image.open(file) as image:
-            image.draft("RGB", (width * 2, height * 2))  # JPEG: decode at reduced scale, much faster
-            small = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+        try:
+            with Image.open(file) as image:
+                image.draft("RGB", (width * 2, height * 2))  # JPEG: decode at reduced scale, much faster
+                small = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+        # A truncated or non-image file raises from almost anywhere in a decoder plugin.
+        except Exception as error:  # noqa: BLE001
+            sid = rows.loc[rows["path"] == rel, "sample_id"].iloc[0]
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UnreadableImageError(
+                f"mean_image pairing: image {file} (sample_id {sid!r}) cannot be decoded "
+                f"({type(error).__name__}: {first}); replace or delete it, or leave unreadable images out with "
+                "--skip-bad (data.skip_bad=true), or use pairing='derangement'", [(str(rel), first)]
+            ) from error
         total += np.asarray(small, dtype=np.float64).reshape(-1) / 255.0
     return total / len(paths)

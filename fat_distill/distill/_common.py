@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fat_distill.cancel import check_cancelled
 from fat_distill.data.paths import check_sample_paths
 from fat_distill.manifests import ManifestError, ManifestMeta, read_manifest, read_manifest_meta
 from fat_distill.models import EmbeddingModel, build_model
@@ -183,6 +184,7 @@ def predict_logits(model: nn.Module, dataset: Dataset, settings: DeviceSettings,
     model.eval()
     chunks = []
     for images, _, _ in loader:
+        check_cancelled("class-probability pass")
         out = model(settings.to_device(images))
         if out.logits is None:
             raise ValueError("predicting class probabilities needs a classifier, but the model has num_classes=0")

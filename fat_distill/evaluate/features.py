@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fat_distill.cancel import check_cancelled
 from fat_distill.data.image_dataset import ManifestImageDataset
 from fat_distill.data.transforms import build_transforms
 
@@ -107,6 +108,7 @@ def extract_features(
     try:
         with torch.inference_mode():
             for batch in loader:
+                check_cancelled(f"feature extraction after {seen} image(s)")
                 images, indices = _split_batch(batch, seen)
                 seen += len(images)
                 images = images.to(device, non_blocking=on_cuda)

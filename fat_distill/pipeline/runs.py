@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fat_distill.atomic import atomic_write_text, temporary_sibling
+from fat_distill.disk import output_error, write_failure
+from fat_distill.processes import is_alive, process_identity
 
 if TYPE_CHECKING:
     from fat_distill.pipeline.config import PipelineConfig
@@ -44,18 +47,6 @@ LATEST = "latest"  # the name `inspect`/`resume` take for the newest run, and th
 def new_run_id(name: str) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -79,16 +70,56 @@ class RunPaths:
         """Place a manifest into this run's manifest folder (hard link, or an atomic copy across devices)."""
         src = Path(manifest)
         dst = self.manifest_dir / (name or src.name)
-        if dst.exists() and dst.resolve() == src.resolve():
+        # Already in place (a resume publishes every manifest again): a hard link of the same file. Renaming a
+        # second link of that file over it would do nothing and leave the temporary name behind.
+        if dst.exists() and os.path.samefile(src, dst):
             return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(dst)
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as exc:
+            explained = write_failure(exc, dst)
+            if explained is exc:
+                raise
+            raise explained from exc
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         return dst
+
+
+class _RunLogHandler(logging.FileHandler):
+    """Writes the run's ``run.log``; what it cannot write (a full disk) is dropped, silently: the run's own
+    error says what happened, and a failing log must not replace it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            pass
+
+
+def run_log_handler(paths: RunPaths) -> logging.Handler:
+    """A handler appending to the run's ``run.log`` (time, level, logger, message; tracebacks included)."""
+    handler = _RunLogHandler(paths.run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
 
 
 class RunState:
@@ -101,15 +132,18 @@ class RunState:
 
     @classmethod
     def create(cls, paths: RunPaths, config: PipelineConfig, *, resumed: bool = False) -> RunState:
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
-        paths.manifest_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (paths.run_dir, paths.manifest_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise output_error(exc, folder, action="create the folder") from exc
         atomic_write_text(paths.run_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         existing = load_run_json(paths.run_dir)
         now = _now()
         fresh = not (resumed and existing)
         data = ({"run_id": paths.run_id, "created": now, "created_unix": time.time(), "stages": {}} if fresh
                 else existing)
-        data.update({"status": "running", "pid": os.getpid(), "updated": now,
+        data.update({"status": "running", **process_identity().as_dict(), "updated": now,
                      "manifest_dir": str(paths.manifest_dir), "run_dir": str(paths.run_dir)})
         data.setdefault("attempts", 0)
         data["attempts"] += 1
@@ -155,9 +189,14 @@ def load_run_json(run_dir: Path) -> dict[str, Any] | None:
 def effective_status(data: dict[str, Any]) -> str:
     """'running' for a run whose process is gone becomes 'interrupted' (resume it)."""
     status = data.get("status", "unknown")
-    if status == "running" and not _pid_alive(data.get("pid")):
+    if status == "running" and not run_process_alive(data):
         return "interrupted"
     return status
+
+
+def run_process_alive(data: dict[str, Any]) -> bool:
+    """Whether the process recorded in a run.json (PID and start time) is still running."""
+    return is_alive(data.get("pid"), data.get("pid_started"))
 
 
 def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
@@ -171,10 +210,14 @@ def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             data = load_run_json(run_dir)
-        except ValueError:
-            data = {"run_id": run_dir.name, "status": "damaged", "stages": {}}
+        except (ValueError, OSError):
+            data = {}
         if data is None:
             continue
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            data = {}
+        if not data:  # unreadable: listed so it can be found and removed, without hiding the other runs
+            data = {"run_id": run_dir.name, "status": "damaged", "stages": {}}
         data["status"] = effective_status(data)
         runs.append(data)
     runs.sort(key=_creation_order, reverse=True)

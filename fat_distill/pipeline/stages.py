@@ -76,7 +76,11 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
         given = load_dataset(config.manifest, root=config.root, allow_outside_root=config.allow_outside_root)
         _check_files_exist(given)
         extra = {key: value for key, value in given.meta.extra.items() if key != "allow_outside_root"}
-        write_manifest(given.frame, out, "dataset", stage="data.manifest", config_hash=config_hash(config),
+        frame = given.frame
+        if config.skip_bad:
+            frame, bad = _without_unreadable(frame, given.root, full=config.verify)
+            extra["bad_images"] = len(bad)
+        write_manifest(frame, out, "dataset", stage="data.manifest", config_hash=config_hash(config),
                        parents=[parent_ref(config.manifest, given.meta)],
                        extra={**extra, "dataset_root": str(given.root.resolve()), **_permission(config)})
         return {"dataset": str(out)}
@@ -101,9 +105,14 @@ def data_stage(config: DataSection, work_dir: str | Path) -> Outputs:
         log.info("data: %s: %s", root, result.describe_structure())
     for warning in result.warnings:
         log.warning("data: %s", warning)
-    write_manifest(result.frame, out, "dataset", stage="data.index", config_hash=config_hash(config),
+    frame, bad_images = result.frame, list(result.bad_images)
+    if config.source == "folder" and config.skip_bad and not config.verify:
+        # index_dataset decodes only with verify; the quick check finds truncated and non-image files.
+        frame, quick_bad = _without_unreadable(frame, root, full=False)
+        bad_images += quick_bad
+    write_manifest(frame, out, "dataset", stage="data.index", config_hash=config_hash(config),
                    extra={"dataset_root": str(Path(root).resolve()), "layout": layout,
-                          "bad_images": len(result.bad_images), "unparsed": len(result.unparsed),
+                          "bad_images": len(bad_images), "unparsed": len(result.unparsed),
                           **({"folders_structure": result.structure} if result.structure else {}),
                           **_permission(config)})
     return {"dataset": str(out)}
@@ -122,6 +131,17 @@ def _check_files_exist(given: DatasetInput) -> None:
             f"{str(given.root)!r}, first row {row} (sample_id {given.frame['sample_id'].iloc[row]!r}, path "
             f"{paths[row]!r}). Set data.root to the folder the manifest's paths are relative to "
             f"(--set data.root=DIR), or remove those rows.")
+def _without_unreadable(frame, root: Path, *, full: bool):
+    """``frame`` without the rows whose image is missing or undecodable (``data.skip_bad``); (frame, bad)."""
+    from fat_distill.data.images import find_unreadable_images
+
+    bad = find_unreadable_images(root, frame["path"].astype(str).drop_duplicates().tolist(), full=full)
+    if not bad:
+        return frame, bad
+    names = {path for path, _ in bad}
+    log.warning("data: left out %d missing/unreadable image(s) (data.skip_bad), e.g. %s", len(bad),
+                ", ".join(sorted(names)[:5]))
+    return frame[~frame["path"].astype(str).isin(names)].reset_index(drop=True), bad
 
 
 def _permission(config: DataSection) -> dict:

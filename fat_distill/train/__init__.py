@@ -19,7 +19,7 @@ from fat_distill.train.distributed import (
     state_digest,
 )
 from fat_distill.train.history import EpochRecorder, read_history, require_tensorboard, write_history
-from fat_distill.train.loop import FitResult, NonFiniteLossError, fit
+from fat_distill.train.loop import FitResult, LossDivergedError, NonFiniteLossError, fit
 from fat_distill.train.model_card import ModelCard, ModelCardError, describe_model, read_model_card
 from fat_distill.train.objectives import (
     OBJECTIVES,
@@ -34,7 +34,7 @@ from fat_distill.train.record import recording_fits, summarise_fits
 
 __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
-    "EpochRecorder", "FATObjective", "FitResult", "MetricObjective", "ModelCard", "ModelCardError",
+    "EpochRecorder", "FATObjective", "FitResult", "LossDivergedError", "MetricObjective", "ModelCard", "ModelCardError",
     "NonFiniteLossError", "Objective", "SampleTable", "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData",
     "TrainingSetup", "build_objective", "build_train_data", "describe_model", "device_settings", "fit",
     "fit_distributed", "is_data_parallel", "latest_checkpoint", "load_checkpoint", "read_history", "read_model_card",

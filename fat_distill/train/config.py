@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.schedule == "step" and not self.milestones:
             raise ValueError("schedule 'step' needs milestones (epochs where the lr is multiplied by gamma)")
+        if min(self.image_size) < 1:
+            raise ValueError(f"image_size {list(self.image_size)} must be two positive sizes (height, width), "
+                             "e.g. [128, 64]")
         if self.batch_p * self.batch_k < 2:
             raise ValueError("a batch needs at least 2 images (batch_p × batch_k)")
         if len(self.devices) >= 2:

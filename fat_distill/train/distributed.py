@@ -49,6 +49,7 @@ from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedExc
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fat_distill.cancel import cancel_requested, check_cancelled
 from fat_distill.config_hash import config_hash
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.losses import LossOutput
@@ -220,9 +221,14 @@ def fit_distributed(
                             f"must be picklable: a module-level function or a functools.partial of one with "
                             f"picklable arguments, not a lambda, a closure or a live model ({exc})") from exc
         try:
-            while not context.join():
-                pass
+            while not context.join(timeout=0.5):
+                if cancel_requested():  # the ranks' epoch checkpoints stay; a resume continues from them
+                    _stop_workers(context)
+                    check_cancelled(f"stage {stage!r} (data-parallel on {', '.join(devices)})")
         except (ProcessRaisedException, ProcessExitedException) as exc:
+            if cancel_requested():  # a terminal's Ctrl-C reached the ranks too
+                _stop_workers(context)
+                check_cancelled(f"stage {stage!r} (data-parallel on {', '.join(devices)})")
             outcomes = _read_outcomes(outcome_dir, world_size)
             raise _worker_failure(exc, outcomes, stage, devices) from None
         outcomes = _read_outcomes(outcome_dir, world_size)
@@ -248,6 +254,18 @@ def fit_distributed(
         history=done["history"], final_checkpoint=Path(done["final_checkpoint"]),
         resumed_from_epoch=done["resumed_from_epoch"], ran_epochs=done["ran_epochs"],
         extra={"world_size": world_size, "backend": backend, "state_digests": done["state_digests"]}))
+
+
+def _stop_workers(context: Any) -> None:
+    """Terminate every rank of a cancelled data-parallel stage and wait for them."""
+    for process in context.processes:
+        if process.is_alive():
+            process.terminate()
+    for process in context.processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from fat_distill.cancel import check_cancelled
 from fat_distill.config_hash import config_hash
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.models.sparsity import group_l21_norm, prox_group_l21_, zero_group_fraction
@@ -42,19 +43,58 @@ from fat_distill.train.record import record_fit
 log = logging.getLogger("fat_distill.train")
 
 
+#: A batch loss above this multiple of the stage's first batch loss (or of 1, if larger) means training
+#: diverged. Healthy training starts at its highest loss; an lr a thousand times too high passes 1e12.
+DIVERGENCE_FACTOR = 1e3
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names stage, epoch, batch and the last good checkpoint."""
 
-    def __init__(self, stage: str, epoch: int, batch: int, terms: dict[str, float], last_checkpoint: Path | None):
+    def __init__(self, stage: str, epoch: int, batch: int, terms: dict[str, float], last_checkpoint: Path | None,
+                 *, what: str = "non-finite loss"):
         self.stage, self.epoch, self.batch, self.last_checkpoint = stage, epoch, batch, last_checkpoint
         self.terms = dict(terms)
         where = f"stage {stage!r}, epoch {epoch + 1}, batch {batch + 1}"
         ckpt = (f"last good checkpoint: {last_checkpoint}" if last_checkpoint
                 else "no checkpoint yet (it failed in the first epoch)")
         super().__init__(
-            f"non-finite loss in {where} (terms: {', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); {ckpt}. "
-            "Lower the learning rate, enable grad_clip, or check the inputs; re-running resumes from that checkpoint."
+            f"{what} in {where} (terms: {', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); {ckpt}. "
+            "Lower the learning rate (train.lr), set train.grad_clip, or check the inputs; "
+            "the same settings fail the same way again."
         )
+
+
+class LossDivergedError(NonFiniteLossError):
+    """The loss grew by orders of magnitude (``DIVERGENCE_FACTOR``) over the stage's first batch: it diverged.
+
+    A subclass of :class:`NonFiniteLossError`: a loss of 1e12 is as useless as NaN, a few steps earlier.
+    """
+
+    def __init__(self, stage: str, epoch: int, batch: int, terms: dict[str, float], last_checkpoint: Path | None,
+                 *, loss: float, reference: float):
+        self.loss, self.reference = loss, reference
+        super().__init__(stage, epoch, batch, terms, last_checkpoint,
+                         what=f"diverging loss ({loss:.4g}, over {DIVERGENCE_FACTOR:g} × the first batch's "
+                              f"{reference:.4g})")
+
+
+@dataclass
+class LossGuard:
+    """Stops training whose loss is NaN/inf or has grown ``factor`` times over ``reference`` (floor 1)."""
+
+    reference: float | None = None
+    factor: float = DIVERGENCE_FACTOR
+
+    def check(self, value: float, stage: str, epoch: int, batch: int, terms: dict[str, float],
+              last_checkpoint: Path | None) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteLossError(stage, epoch, batch, terms, last_checkpoint)
+        if self.reference is None:
+            self.reference = value
+        elif value > self.factor * max(self.reference, 1.0):
+            raise LossDivergedError(stage, epoch, batch, terms, last_checkpoint, loss=value,
+                                    reference=self.reference)
 
 
 @dataclass
@@ -166,7 +206,9 @@ def fit(
             without retraining.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf (names stage, epoch, batch, last checkpoint).
+        NonFiniteLossError: the loss became NaN/inf, or (:class:`LossDivergedError`) grew over
+            ``DIVERGENCE_FACTOR`` times its first batch's value; names stage, epoch, batch, last checkpoint.
+        RunCancelled: a cancel was requested (:mod:`fat_distill.cancel`); raised at a batch boundary.
         CheckpointError: the checkpoint directory holds a run of another config.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -197,11 +239,13 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
+    guard = LossGuard()
     last_ckpt, state = load_resumable(checkpoint_dir, cfg_hash, device)
     if state is not None:
         start_epoch, history = restore_training_state(state, model, objective, optimizer, scheduler, scaler,
                                                       batch_sampler)
         set_rng_state(state["rng"])
+        guard.reference = state.get("loss_reference", history[0]["loss"] if history else None)
         log.info("%s: resuming after epoch %d from %s", stage, start_epoch, last_ckpt)
 
     loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers,
@@ -220,11 +264,12 @@ def fit(
             if objective.needs_feature_pass:
                 _refresh_centres(model, objective, feature_dataset, config, settings, stage)
             stats = _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings,
-                                 stage, epoch, last_ckpt, bar)
+                                 stage, epoch, last_ckpt, bar, guard)
             history.append(stats)
-            last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), epoch_state(
-                epoch, cfg_hash, stage, model, objective, optimizer, scheduler, scaler, batch_sampler, history,
-                rng_state()))
+            checkpoint = epoch_state(epoch, cfg_hash, stage, model, objective, optimizer, scheduler, scaler,
+                                     batch_sampler, history, rng_state())
+            checkpoint["loss_reference"] = guard.reference
+            last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, epoch), checkpoint)
             recorder.epoch_done(history)
             finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
@@ -308,7 +353,8 @@ def final_state(cfg_hash: str, stage: str, model: nn.Module, objective: nn.Modul
 
 
 def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings, stage, epoch,
-                 last_ckpt, bar) -> dict[str, float]:
+                 last_ckpt, bar, guard: LossGuard | None = None) -> dict[str, float]:
+    """One epoch of steps; ``guard`` (None: NaN/inf only) stops a diverging loss before its step."""
     model.train()
     selection = _feature_selection(model, optimizer, config, stage)
     sums: dict[str, float] = defaultdict(float)
@@ -317,13 +363,18 @@ def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config,
     if bar is not None:
         task = bar.add_task("train", total=len(loader), stage=stage, epoch=f"{epoch + 1}/{config.epochs}", metrics="")
     for batch_index, (images, labels, indices) in enumerate(loader):
+        # A cancelled run stops here; the last epoch checkpoint stays the place a resume continues from.
+        check_cancelled(f"stage {stage!r}, epoch {epoch + 1}, batch {batch_index + 1}")
         images = settings.to_device(images)
         labels = labels.to(settings.device, non_blocking=settings.non_blocking)
         indices = indices.to(settings.device, non_blocking=settings.non_blocking)
         with settings.autocast():
             output = model(images)
         out = objective.compute(output, labels, indices)
-        if not torch.isfinite(out.loss):
+        if guard is not None:
+            guard.check(float(out.loss.detach()), stage, epoch, batch_index,
+                        {k: float(v) for k, v in out.terms.items()}, last_ckpt)
+        elif not torch.isfinite(out.loss):
             raise NonFiniteLossError(stage, epoch, batch_index, {k: float(v) for k, v in out.terms.items()},
                                      last_ckpt)
         optimizer.zero_grad(set_to_none=True)
@@ -383,6 +434,7 @@ def _refresh_centres(model, objective, feature_dataset, config, settings, stage)
     feats: dict[str, list[torch.Tensor]] = defaultdict(list)
     labels_all, indices_all = [], []
     for images, labels, indices in loader:
+        check_cancelled(f"stage {stage!r}, centre refresh")
         with settings.autocast():
             out = model(settings.to_device(images))
         for name, o in (out.branches or {"": out}).items():
