@@ -35,7 +35,7 @@ def write_config(root: Path, **sections) -> Path:
 
 
 def only_run(root: Path) -> tuple[str, dict]:
-    (path,) = (root / "runs").glob("*/run.json")
+    (path,) = (p for p in (root / "runs").glob("*/run.json") if not p.parent.is_symlink())
     return path.parent.name, json.loads(path.read_text())
 
 

@@ -201,7 +201,7 @@ def test_ctrl_c_stops_a_run_with_130_and_the_resume_command_then_resume_continue
         while run_id is None:
             assert process.poll() is None, f"the run ended (rc {process.returncode}) before it could be interrupted"
             assert time.monotonic() < deadline, "teacher.round0 never wrote an epoch checkpoint"
-            for run_json in runs.glob("*/run.json"):
+            for run_json in (p for p in runs.glob("*/run.json") if not p.parent.is_symlink()):
                 try:
                     stage = json.loads(run_json.read_text())["stages"].get("teacher.round0", {})
                 except (json.JSONDecodeError, KeyError):

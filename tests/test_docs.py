@@ -97,7 +97,7 @@ def make_user_folder(root: Path) -> None:
 
 
 def newest_run(root: Path) -> str:
-    return (root / "runs" / "latest").read_text().strip()
+    return os.readlink(root / "runs" / "latest")
 
 
 def fill_in(code: str, root: Path) -> str:

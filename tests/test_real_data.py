@@ -288,7 +288,7 @@ def test_a_users_journey_from_noisy_folder_to_embeddings_of_new_images(tmp_path)
         return result
 
     cli("run", tmp_path / "c.yaml", "--direct")
-    first = (tmp_path / "runs" / "latest").read_text().strip()
+    first = os.readlink(tmp_path / "runs" / "latest")
     cli("labels", "export", "latest", "--include-test", "--out", tmp_path / "labels.parquet", "--runs-root", runs)
     labels = pd.read_parquet(tmp_path / "labels.parquet")
     kept = labels[labels["flagged"] != True]  # noqa: E712 - test rows have no flag (null): kept
@@ -297,7 +297,7 @@ def test_a_users_journey_from_noisy_folder_to_embeddings_of_new_images(tmp_path)
 
     cli("run", tmp_path / "c.yaml", "--direct", "--set", "data.source=manifest",
         "--set", f"data.manifest={tmp_path / 'clean.parquet'}", "--set", f"data.root={root}")
-    second = (tmp_path / "runs" / "latest").read_text().strip()
+    second = os.readlink(tmp_path / "runs" / "latest")
     assert second != first
     dataset = read_manifest(f"{config['run']['manifests_root']}/{second}/dataset_noisy.parquet")
     assert set(dataset["sample_id"]) == set(kept["sample_id"])

@@ -39,7 +39,7 @@ def write_config(root: Path) -> Path:
 
 
 def run_json(runs_root: Path) -> tuple[str, dict] | tuple[None, None]:
-    for run_dir in runs_root.glob("*/run.json"):
+    for run_dir in (p for p in runs_root.glob("*/run.json") if not p.parent.is_symlink()):
         try:
             return run_dir.parent.name, json.loads(run_dir.read_text())
         except json.JSONDecodeError:

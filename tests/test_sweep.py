@@ -4,6 +4,7 @@ and ``runs/<sweep_id>/sweep.parquet`` compares the points; ``latest`` names the 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,13 +57,13 @@ def test_latest_is_the_newest_run_by_creation_time_not_by_folder_time(tmp_path):
         find_run(runs, "latest")
     first = _new_run(tmp_path, "a")
     second = _new_run(tmp_path, "b")  # created within the same second as the first: the exact time decides
-    assert (runs / "latest").read_text().strip() == second
+    assert os.readlink(runs / "latest") == second
     assert find_run(runs, "latest") == runs / second
     # Resuming the older run touches its folder, but it is still not the newest run.
     config = validate_config(PipelineConfig, yaml.safe_load((runs / first / "config.yaml").read_text()))
     RunState.create(RunPaths.for_run(config, first), config, resumed=True)
     assert find_run(runs, "latest") == runs / second
-    assert (runs / "latest").read_text().strip() == second
+    assert os.readlink(runs / "latest") == second
     result = runner.invoke(app, ["runs", "--runs-root", str(runs), "--json"])
     assert result.exit_code == 0, result.output
     assert [r["run_id"] for r in json.loads(result.stdout)] == [second, first]  # the file `latest` is no run

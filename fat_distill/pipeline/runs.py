@@ -11,9 +11,9 @@ Layout of one run (``run_id`` = ``<name>-<UTC time>-<4 hex>``):
     data_manifests/<run_id>/
         *.parquet          every manifest the run produced or took from cache
 
-``runs/latest`` is a small text file holding the id of the newest run started under ``runs/``
-(for the shell: ``cat runs/latest``); ``find_run(runs_root, "latest")`` picks the newest run by
-the creation time in run.json, so it is right even without that file.
+``runs/latest`` is a relative symlink to the newest run started under ``runs/`` (for the shell:
+``runs/latest/run.json``, ``readlink runs/latest``); ``find_run(runs_root, "latest")`` picks the
+newest run by the creation time in run.json, so it is right even without the link. Listings skip it.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class RunState:
         state = cls(paths, data)
         state.save()
         if fresh:
-            atomic_write_text(paths.run_dir.parent / LATEST, paths.run_id + "\n")
+            point_latest_at(paths.run_dir)
         return state
 
     def save(self) -> None:
@@ -199,6 +199,19 @@ def run_process_alive(data: dict[str, Any]) -> bool:
     return is_alive(data.get("pid"), data.get("pid_started"))
 
 
+def point_latest_at(run_dir: Path) -> None:
+    """Make ``<runs_root>/latest`` a relative symlink to ``run_dir``, replacing the old link atomically."""
+    link = run_dir.parent / LATEST
+    if link.exists() and not link.is_symlink():
+        return  # not ours (a run or a file named "latest"): leave it
+    tmp = temporary_sibling(link)
+    try:
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symlinks: `latest` still works through find_run
+        tmp.unlink(missing_ok=True)
+
+
 def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
     """Every run under ``runs_root`` with its status, newest first (reads run.json files only)."""
     root = Path(runs_root)
@@ -206,7 +219,7 @@ def list_runs(runs_root: str | Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         return runs
     for run_dir in root.iterdir():
-        if not run_dir.is_dir() or run_dir.name.startswith("."):
+        if not run_dir.is_dir() or run_dir.is_symlink() or run_dir.name.startswith("."):
             continue
         try:
             data = load_run_json(run_dir)
@@ -240,7 +253,8 @@ def find_run(runs_root: str | Path, run_id: str) -> Path:
     exact = root / run_id
     if (exact / RUN_FILE).exists():
         return exact
-    matches = [p for p in root.glob(f"{run_id}*") if (p / RUN_FILE).exists()] if root.is_dir() else []
+    matches = ([p for p in root.glob(f"{run_id}*") if not p.is_symlink() and (p / RUN_FILE).exists()]
+               if root.is_dir() else [])
     if len(matches) == 1:
         return matches[0]
     if not matches:
