@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {s: statistics.median(ts) for s, ts in times.items()}
     if "prefect" in medians:
         result["prefect_over_direct"] = round(medians["prefect"] / medians["direct"], 3)
+        # The absolute overhead too: on a small config the ratio mostly says how small the config is.
+        result["prefect_minus_direct_s"] = round(medians["prefect"] - medians["direct"], 1)
     for n in args.threads:
         result[f"direct_{n}t_over_direct"] = round(medians[f"direct-{n}t"] / medians["direct"], 3)
     if args.markdown:
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         if first_start is not None:
             print(f"\nOnce per PREFECT_HOME (not in any run): empty flow creating the server database "
                   f"{first_start:.1f} s.")
+        if "prefect_minus_direct_s" in result:
+            print(f"median prefect - median direct = {result['prefect_minus_direct_s']:.1f} s")
         for key, value in result.items():
             if key.endswith("_over_direct"):
                 print(f"{key.replace('_over_', ' / median ').replace('prefect', 'median prefect')} = {value:.3f}")
