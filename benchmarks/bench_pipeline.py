@@ -11,8 +11,8 @@ Every timed run is a fresh `fat-distill demo` process (imports included) with it
   stage from cache.
 
 One warm-up run per side comes first (not counted: it fills the page cache and Python's bytecode
-caches), then ``--runs`` runs per side in a random order drawn from ``--seed``, so that load from
-other jobs and the machine's drift fall on every side alike. Reported per side: median and
+caches), then ``--runs`` blocks of one run per side, each block in a random order drawn from
+``--seed``, so that load from other jobs and the machine's drift fall on every side alike. Reported per side: median and
 min–max; and the ratio of the medians.
 
 Target (issue "Prefect orchestration"): median(prefect) / median(direct) ≤ 1.10 and cached ≤ 15 s.
@@ -46,10 +46,14 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def schedule(sides: list[str], runs: int, seed: int) -> list[str]:
-    """``runs`` entries per side in a random order drawn from ``seed`` (the same seed, the same order)."""
-    order = [side for side in sides for _ in range(runs)]
-    random.Random(seed).shuffle(order)
-    return order
+    """``runs`` blocks of one run per side, each block in a random order drawn from ``seed``.
+
+    Blocks rather than one shuffle of all runs: a plain shuffle can put one side's runs
+    together (seed 0 gave prefect, direct, direct, direct, prefect, prefect), so a quiet or busy
+    spell of the machine would fall on one side; in blocks every side runs once per block.
+    """
+    rng = random.Random(seed)
+    return [side for _ in range(runs) for side in rng.sample(sides, len(sides))]
 
 
 def spread(times: list[float]) -> dict[str, float]:
