@@ -9,7 +9,11 @@ For every (dataset, noise rate, seed) condition this script
    and to our confidence rules (:func:`fat_distill.distill.score_confidence`),
    then runs each full multi-round teacher asked for (``--teachers``) and scores
    its final confident set against the ground truth (precision, recall, F1 of
-   flagging the noisy train rows);
+   flagging the noisy train rows); with ``--equal-budget`` cleanlab also gets the
+   teacher's training budget, in two ways: out-of-fold models trained rounds × E
+   epochs (the epochs the teacher's last ``continue`` model has seen), and cleanlab
+   iterated like the teacher (flag, retrain the fold models on the kept rows, flag
+   again) for the same number of rounds of E epochs;
 3. (b) trains the distilled student on the soft labels of the first teacher
    (``--distill-all``: also one student per further teacher, ``distilled@<teacher>``) and
    the baselines ``ce``, ``ce_triplet``, ``fat_hybrid_noisy`` and ``oracle``,
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,17 +54,20 @@ from fat_distill.distill import (
     TeacherConfig,
     assign_folds,
     evaluate_student,
+    keep_identities_in_every_fold,
     make_soft_labels,
     run_teacher,
     run_teacher_round,
     score_confidence,
     student_training_rows,
+    round_dir,
+    round_manifest_path,
     teacher_checkpoints,
     train_student,
 )
 from fat_distill.distill._common import load_model, predict_logits, stage_settings
 from fat_distill.evaluate import noise_detection_report
-from fat_distill.manifests import read_manifest, write_manifest
+from fat_distill.manifests import parent_ref, read_manifest, write_manifest
 from fat_distill.train import TrainConfig, build_train_data
 
 log = logging.getLogger("bench_noise")
@@ -74,25 +82,34 @@ DETECTION_FILE, RETRIEVAL_FILE, SUMMARY_FILE = "detection.csv", "retrieval.csv",
 
 @dataclass(frozen=True)
 class TeacherVariant:
-    """One full teacher to run: ``<scoring>:<rule>:<retrain>``, e.g. ``oof:gmm:fresh``."""
+    """One full teacher to run: ``<scoring>:<rule>:<retrain>[:<epochs>]``, e.g. ``oof:gmm:fresh``.
+
+    ``epochs`` (optional) replaces E, the epochs of each round, for this teacher only:
+    ``oof:gmm:fresh:30`` next to ``oof:gmm:continue`` with E = 10 and 3 rounds gives
+    the fresh teacher's every model the 30 epochs the continued last model has seen.
+    """
 
     scoring: str
     rule: str
     retrain: str
+    epochs: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> TeacherVariant:
         parts = text.split(":")
-        if (len(parts) != 3 or parts[0] not in ("oof", "in_sample") or parts[1] not in ("gmm", "threshold", "quantile")
-                or parts[2] not in ("fresh", "continue")):
+        if (len(parts) not in (3, 4) or parts[0] not in ("oof", "in_sample")
+                or parts[1] not in ("gmm", "threshold", "quantile") or parts[2] not in ("fresh", "continue")
+                or (len(parts) == 4 and not (parts[3].isdigit() and int(parts[3]) > 0))):
             raise argparse.ArgumentTypeError(
-                f"teacher {text!r} must be <scoring>:<rule>:<retrain> with scoring oof|in_sample, rule "
-                "gmm|threshold|quantile, retrain fresh|continue (e.g. oof:gmm:fresh)")
-        return cls(*parts)
+                f"teacher {text!r} must be <scoring>:<rule>:<retrain>[:<epochs per round>] with scoring "
+                "oof|in_sample, rule gmm|threshold|quantile, retrain fresh|continue, epochs a positive integer "
+                "(e.g. oof:gmm:fresh or oof:gmm:fresh:30)")
+        return cls(*parts[:3], epochs=int(parts[3]) if len(parts) == 4 else None)
 
     @property
     def name(self) -> str:
-        return f"{self.scoring}:{self.rule}:{self.retrain}"
+        base = f"{self.scoring}:{self.rule}:{self.retrain}"
+        return base if self.epochs is None else f"{base}:{self.epochs}"
 
 
 @dataclass
@@ -184,23 +201,38 @@ def detection_row(is_noisy: np.ndarray, flagged: np.ndarray, confidence: np.ndar
     return row
 
 
-def oof_probabilities(condition: Condition, config: TeacherConfig) -> tuple[np.ndarray, np.ndarray]:
+def oof_probabilities(condition: Condition, config: TeacherConfig,
+                      out_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold predicted probabilities of the train rows: the oof teacher's round 0.
 
     Runs (or reuses) round 0 of an out-of-fold teacher on all train rows, then
     predicts every row with the fold model that did not train on it.
 
+    Args:
+        condition: the condition.
+        config: the teacher's settings (its ``train.epochs`` is what the fold models train).
+        out_dir: the teacher folder (default: the full oof teacher's, whose round 0 this is).
+
     Returns:
         ``(labels, probs)``: ``(N,)`` class index of the given pid and ``(N, C)``
         probabilities, rows in the order of :func:`train_truth`.
     """
-    if config.scoring == "oof":
-        # Round 0 of an oof teacher is exactly this: share it with the full teacher's folder.
-        out_dir = condition.work / f"teacher-{variant_folder(config)}"
-    else:
+    if config.scoring != "oof":
         config = config.model_copy(update={"scoring": "oof"})
-        out_dir = condition.work / "oof-round0"
+        out_dir = out_dir or condition.work / "oof-round0"
+    # Round 0 of an oof teacher is exactly this: share it with the full teacher's folder.
+    out_dir = out_dir or condition.work / f"teacher-{variant_folder(config)}"
     run_teacher_round(condition.manifest, None, config, 0, out_dir, "cpu")
+    return fold_probabilities(condition, config, out_dir, 0)
+
+
+def fold_probabilities(condition: Condition, config: TeacherConfig, out_dir: Path,
+                       round: int) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold probabilities of every train row from the fold models of an oof teacher round already run.
+
+    Returns:
+        ``(labels, probs)`` as :func:`oof_probabilities`.
+    """
     train = train_truth(condition.manifest)
     label_map = build_label_map(train["pid"])
     labels = np.array([label_map[p] for p in train["pid"].tolist()], dtype=np.int64)
@@ -209,7 +241,7 @@ def oof_probabilities(condition: Condition, config: TeacherConfig) -> tuple[np.n
     data = build_train_data(train, root, config.train, label_map=label_map)
     folds = assign_folds(train, config.folds, config.train.seed)
     logits = np.zeros((len(train), len(label_map)), dtype=np.float32)
-    for fold, checkpoint in enumerate(teacher_checkpoints(out_dir, 0, config)):
+    for fold, checkpoint in enumerate(teacher_checkpoints(out_dir, round, config)):
         held_out = np.flatnonzero(folds == fold)
         model = load_model(config.train, len(label_map), checkpoint, settings)
         logits[held_out] = predict_logits(model, data.feature_dataset, settings, indices=held_out)
@@ -218,7 +250,7 @@ def oof_probabilities(condition: Condition, config: TeacherConfig) -> tuple[np.n
 
 
 def compare_detectors(labels: np.ndarray, probs: np.ndarray, is_noisy: np.ndarray,
-                      config: TeacherConfig) -> list[dict]:
+                      config: TeacherConfig, source: str = "oof round 0") -> list[dict]:
     """cleanlab and our confidence rules on the same out-of-fold probabilities.
 
     Args:
@@ -226,6 +258,7 @@ def compare_detectors(labels: np.ndarray, probs: np.ndarray, is_noisy: np.ndarra
         probs: ``(N, C)`` out-of-fold predicted probabilities.
         is_noisy: ``(N,)`` ground truth.
         config: gives our rules' threshold, quantile and per-identity minimum.
+        source: where the probabilities come from (the rows' ``source``).
 
     Returns:
         one :func:`detection_row` per detector, with ``detector`` and ``source`` set.
@@ -245,20 +278,84 @@ def compare_detectors(labels: np.ndarray, probs: np.ndarray, is_noisy: np.ndarra
                                   min_per_class=config.min_confident_per_identity, gmm_seed=config.train.seed)
         rows.append({"detector": f"ours:{rule}", **detection_row(is_noisy, ~scores.confident, scores.confidence),
                      "seconds": time.perf_counter() - started})
-    return [{**row, "source": "oof round 0"} for row in rows]
+    return [{**row, "source": source} for row in rows]
 
 
 def variant_folder(config: TeacherConfig) -> str:
-    """Folder name of a teacher config's run (``<scoring>-<rule>-<retrain>``)."""
-    return f"{config.scoring}-{config.rule}-{config.retrain}"
+    """Folder name of a teacher config's run (``<scoring>-<rule>-<retrain>-<E>ep``)."""
+    return f"{config.scoring}-{config.rule}-{config.retrain}-{config.train.epochs}ep"
 
 
 def teacher_config(train: TrainConfig, variant: TeacherVariant, rounds: int,
                    temperature: float | None = None) -> TeacherConfig:
-    """The library's TeacherConfig defaults, with the variant's scoring, rule and retraining (and T if given)."""
+    """The library's TeacherConfig defaults, with the variant's scoring, rule, retraining, E and T (if given)."""
     extra = {} if temperature is None else {"temperature": temperature}
+    if variant.epochs is not None:
+        train = train.model_copy(update={"epochs": variant.epochs})
     return TeacherConfig(train=train, rounds=rounds, scoring=variant.scoring, rule=variant.rule,
                          retrain=variant.retrain, **extra)
+
+
+def equal_epoch_cleanlab(condition: Condition, config: TeacherConfig, is_noisy: np.ndarray) -> list[dict]:
+    """cleanlab (and our rules) on out-of-fold probabilities of fold models trained ``rounds × E`` epochs.
+
+    The teacher's fold models of its last round (``retrain="continue"``) have trained
+    ``rounds × E`` epochs in all; these fold models train as many, in one go on every
+    train row, so cleanlab's probabilities cost the same epochs as the teacher's.
+
+    Returns:
+        :func:`compare_detectors` rows, ``source`` = ``"oof 1 round × <epochs> ep"``.
+    """
+    epochs = config.rounds * config.train.epochs
+    long = config.model_copy(update={"rounds": 1, "scoring": "oof",
+                                     "train": config.train.model_copy(update={"epochs": epochs})})
+    labels, probs = oof_probabilities(condition, long, condition.work / f"oof-round0-{epochs}ep")
+    return compare_detectors(labels, probs, is_noisy, long, source=f"oof 1 round × {epochs} ep")
+
+
+def iterated_cleanlab(condition: Condition, config: TeacherConfig, is_noisy: np.ndarray,
+                      filter_by: str = "prune_by_noise_rate") -> dict:
+    """cleanlab iterated like the teacher: flag, retrain the fold models on the kept rows, flag again.
+
+    Round r trains the ``config.folds`` out-of-fold models exactly as the teacher's
+    round r (E epochs, ``config.retrain``: from round r−1's fold weights or new), on
+    the rows cleanlab kept after round r−1 (round 0: all rows, i.e. the teacher's own
+    round 0, copied from its folder when present), then gives the round's out-of-fold
+    probabilities to ``cleanlab.filter.find_label_issues``. As in the teacher, an
+    identity whose kept rows would all sit in one fold keeps its most probable row
+    outside that fold (:func:`keep_identities_in_every_fold`) for training only. The
+    last round's cleanlab flags are scored; there is no early stop, all ``rounds`` run.
+
+    Returns:
+        one :func:`detection_row` with ``detector`` = ``cleanlab-iterated:<filter_by>``.
+    """
+    from cleanlab.filter import find_label_issues
+
+    config = config.model_copy(update={"scoring": "oof"})
+    out_dir = condition.work / f"cleanlab-iterated-{variant_folder(config)}"
+    teacher_dir = condition.work / f"teacher-{variant_folder(config)}"
+    if round_manifest_path(teacher_dir, 0).is_file() and not round_manifest_path(out_dir, 0).exists():
+        # Round 0 trains on every row whatever the filter: the teacher's round 0 is this round 0.
+        shutil.copytree(round_dir(teacher_dir, 0), round_dir(out_dir, 0))
+        shutil.copy2(round_manifest_path(teacher_dir, 0), round_manifest_path(out_dir, 0))
+    started = time.perf_counter()
+    train = train_truth(condition.manifest)
+    folds = assign_folds(train, config.folds, config.train.seed)
+    previous: Path | None = None
+    for r in range(config.rounds):
+        scored = run_teacher_round(condition.manifest, previous, config, r, out_dir, "cpu")
+        labels, probs = fold_probabilities(condition, config, out_dir, r)
+        p_given = probs[np.arange(len(labels)), labels]
+        flagged = find_label_issues(labels, probs, filter_by=filter_by)
+        kept = keep_identities_in_every_fold(~flagged, labels, folds, p_given)
+        frame = read_manifest(scored, "teacher_round").set_index("sample_id").loc[train["sample_id"]].reset_index()
+        previous = out_dir / f"cleanlab_round_{r}.parquet"
+        write_manifest(frame.assign(confident=kept), previous, "teacher_round", stage=f"bench.cleanlab_round{r}",
+                       parents=[parent_ref(scored)], extra={"round": r, "filter_by": filter_by})
+    row = detection_row(is_noisy, flagged, p_given)
+    return {**row, "detector": f"cleanlab-iterated:{filter_by}",
+            "source": f"final round {config.rounds - 1} ({config.rounds} × {config.train.epochs} ep)",
+            "rounds_run": config.rounds, "seconds": time.perf_counter() - started}
 
 
 def run_full_teacher(condition: Condition, config: TeacherConfig, variant: TeacherVariant) -> tuple[dict, Path]:
@@ -333,12 +430,14 @@ def run_method(condition: Condition, method: str, train: TrainConfig, soft_label
 # --------------------------------------------------------------------------- results
 
 
-def _done(path: Path, key: dict, column: str, value: str) -> bool:
+def _done(path: Path, key: dict, column: str, value: str, source: str | None = None) -> bool:
     if not path.is_file():
         return False
     table = pd.read_csv(path)
     mask = (table["dataset"] == key["dataset"]) & np.isclose(table["rate"], key["rate"]) & (
         table["seed"] == key["seed"]) & (table[column] == value)
+    if source is not None:
+        mask &= table["source"] == source
     return bool(mask.any())
 
 
@@ -439,11 +538,23 @@ def run_condition(condition: Condition, args: argparse.Namespace, teacher_train:
     base = teacher_config(teacher_train, variants[0], args.rounds, args.temperature)
     det_path, ret_path = out / DETECTION_FILE, out / RETRIEVAL_FILE
 
-    if not _done(det_path, key, "detector", "ours:gmm"):
+    if not _done(det_path, key, "detector", "ours:gmm", "oof round 0"):
         started = time.perf_counter()
         labels, probs = oof_probabilities(condition, base)
         log.info("%s: out-of-fold round 0 in %.0f s", condition.key, time.perf_counter() - started)
         append_rows(det_path, [{**key, **row} for row in compare_detectors(labels, probs, is_noisy, base)])
+    if args.equal_budget:
+        epochs = base.rounds * base.train.epochs
+        if not _done(det_path, key, "detector", "ours:gmm", f"oof 1 round × {epochs} ep"):
+            started = time.perf_counter()
+            rows = equal_epoch_cleanlab(condition, base, is_noisy)
+            log.info("%s: out-of-fold models of %d epochs in %.0f s", key, epochs, time.perf_counter() - started)
+            append_rows(det_path, [{**key, **row} for row in rows])
+        if not _done(det_path, key, "detector", "cleanlab-iterated:prune_by_noise_rate"):
+            row = iterated_cleanlab(condition, base, is_noisy)
+            log.info("%s: cleanlab iterated %d rounds: F1 %.3f in %.0f s", key, base.rounds, row["f1"],
+                     row["seconds"])
+            append_rows(det_path, [{**key, **row}])
 
     students: list[tuple[str, Path]] = []  # (row name, soft labels) of each distilled student to train
     for i, variant in enumerate(variants):
@@ -503,6 +614,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="T of the soft labels (default: TeacherConfig's)")
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=list(METHODS),
                         help="students to train (none: detection only)")
+    parser.add_argument("--equal-budget", action="store_true",
+                        help="also give cleanlab the first teacher's training budget: out-of-fold models of "
+                             "rounds × E epochs, and cleanlab iterated (flag, retrain on the kept rows) for "
+                             "as many rounds of E epochs")
     parser.add_argument("--distill-all", action="store_true",
                         help="train a distilled student on every teacher's soft labels, not only the first's")
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -79,3 +79,48 @@ def test_quick_run_writes_tables_and_resumes(bench, tmp_path):
     bench.main(argv)
     assert len(pd.read_csv(tmp_path / "out" / "retrieval.csv")) == 2
     assert len(pd.read_csv(tmp_path / "out" / "detection.csv")) == len(detection)
+
+
+def test_teacher_variant_takes_its_own_epochs_per_round(bench):
+    variant = bench.TeacherVariant.parse("oof:gmm:fresh:30")
+    assert variant.epochs == 30 and variant.name == "oof:gmm:fresh:30"
+    assert bench.TeacherVariant.parse("oof:gmm:continue").epochs is None
+    from fat_distill.train import TrainConfig
+    config = bench.teacher_config(TrainConfig(epochs=10), variant, rounds=3)
+    assert config.train.epochs == 30 and config.retrain == "fresh"
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.TeacherVariant.parse("oof:gmm:fresh:0")
+
+
+def test_equal_budget_cleanlab_trains_as_many_epochs_and_iterates(bench, tmp_path):
+    """--equal-budget: cleanlab on fold models of rounds × E epochs, and cleanlab iterated for the teacher's rounds."""
+    import json
+
+    work = tmp_path / "work"
+    argv = ["--quick", "--datasets", "synth", "--rates", "0.4", "--seeds", "0", "--methods", "--equal-budget",
+            "--teachers", "oof:gmm:continue", "oof:gmm:fresh:2", "--work-dir", str(work), "--out", str(tmp_path / "out")]
+    bench.main(argv)  # --quick: E = 1, 2 rounds
+    detection = pd.read_csv(tmp_path / "out" / "detection.csv")
+    by = {(d, s): r for d, s, r in zip(detection["detector"], detection["source"], detection.to_dict("records"))}
+    assert ("cleanlab:prune_by_noise_rate", "oof round 0") in by
+    assert ("cleanlab:prune_by_noise_rate", "oof 1 round × 2 ep") in by
+    assert ("ours:gmm", "oof 1 round × 2 ep") in by
+    iterated = by[("cleanlab-iterated:prune_by_noise_rate", "final round 1 (2 × 1 ep)")]
+    assert iterated["rounds_run"] == 2 and 0 <= iterated["f1"] <= 1
+    assert {"teacher:oof:gmm:continue", "teacher:oof:gmm:fresh:2"} <= set(detection["detector"])
+    condition = work / "synth" / "rate0.4-seed0"
+    # The long fold models trained 2 epochs on their folds (one round), the fresh:2 teacher 2 epochs per round.
+    long_fold = json.loads((condition / "oof-round0-2ep" / "round-0" / "fold-0" / "stage.json").read_text())
+    assert long_fold["stage"] == "teacher.round0"
+    assert (condition / "teacher-oof-gmm-fresh-2ep" / "teacher_round_1.parquet").is_file()
+    # Round 1 of the iterated cleanlab trained each fold model on exactly the rows cleanlab kept outside the fold.
+    iterated_dir = condition / "cleanlab-iterated-oof-gmm-continue-1ep"
+    kept = bench.read_manifest(iterated_dir / "cleanlab_round_0.parquet", "teacher_round")
+    for fold in (0, 1):
+        marker = json.loads((iterated_dir / "round-1" / f"fold-{fold}" / "stage.json").read_text())
+        assert marker["train_rows"] == int((kept["confident"] & (kept["fold"] != fold)).sum())
+    assert (~kept["confident"]).any()  # cleanlab removed rows, so round 1 trained on fewer
+    # Everything is done: a second run adds no row.
+    bench.main(argv)
+    assert len(pd.read_csv(tmp_path / "out" / "detection.csv")) == len(detection)
