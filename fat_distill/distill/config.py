@@ -47,8 +47,8 @@ class TeacherConfig(Section):
     quantile: float = Field(0.2, ge=0, lt=1, description="rule 'quantile': fraction dropped per identity")
     min_confident_per_identity: int = Field(
         2, ge=0, description="every identity keeps at least this many confident samples (0 = off)")
-    # "continue" by measurement (benchmarks/README.md, "Noise robustness"): with the same E per round it
-    # found the injected noise far better (40 % noise, F1 in-sample 0.86 vs 0.62 on ORL, 0.73 vs 0.65 synthetic).
+    # "continue": at the same compute as "fresh" (E epochs a round) its last model has trained longest, which
+    # is where its lead comes from (benchmarks/README.md, "Equal training budget").
     retrain: Literal["fresh", "continue"] = Field(
         "continue", description="each round starts from the previous round's weights, or from a new model")
     scoring: Literal["in_sample", "oof"] = Field(
