@@ -261,7 +261,7 @@ def _listed_images(config: PipelineConfig) -> tuple[Path, list[str]] | None:
     if data.source == "manifest":
         from fat_distill.distill import load_dataset
 
-        given = load_dataset(data.manifest, allow_outside_root=data.allow_outside_root)
+        given = load_dataset(data.manifest, root=data.root, allow_outside_root=data.allow_outside_root)
         return given.root, given.frame["path"].astype(str).drop_duplicates().tolist()
     from fat_distill.data import index_dataset
 
