@@ -190,7 +190,7 @@ def test_why_a_stage_ran_names_the_changed_input_and_the_changed_library_code(pr
         keys.source_hash.cache_clear()
     stages = run_json["stages"]
     assert {n for n, e in stages.items() if e["state"] == "ran"} == {
-        "soft_labels", "student.distilled", "evaluate.distilled", "evaluate.ce", "noise_report"}
+        "soft_labels", "student.distilled", "evaluate.distilled", "evaluate.ce", "noise_report", "label_audit"}
     assert stages["soft_labels"]["why"] == "its config section changed"
     assert stages["student.distilled"]["why"] == "input soft_labels changed"
     assert stages["evaluate.distilled"]["why"] == "input checkpoint changed, library code changed"
