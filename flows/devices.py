@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 LIMIT_PREFIX = "fat-distill-device"
 POLL_SECONDS = 0.5
+#: How often a stage waiting for a device looks for slots that killed runs left held.
+DEAD_SLOT_CHECK_SECONDS = 5.0
 LEASE_SECONDS = 60
 # A released Prefect slot is kept this long for the next stage of this process on the same device.
 # Taking a slot costs a server write; on the embedded SQLite server that write often collides with the
@@ -67,6 +69,7 @@ class DevicePool:
         self.prefix = prefix
         # Embedded server: this process's record of its slots (set by create_limits); None on a shared server.
         self._registry: SlotRegistry | None = None
+        self._dead_checked = float("-inf")  # when a waiting stage last looked for slots of killed runs
         self._next = 0
         self._lock = threading.Lock()
         # In-process view of free slots: stages of this flow wait on a condition instead of polling the
@@ -111,18 +114,36 @@ class DevicePool:
         if reset_stale and self._registry is None:
             self._registry = SlotRegistry.for_prefect_home()
         with self._exclusive(), get_client(sync_client=True) as client:
-            live = self._registry.live_holdings() if reset_stale else None
             for i in range(len(self.devices)):
-                name = self.limit_name(i)
-                client.upsert_global_concurrency_limit_by_name(name, self.max_tasks)
-                if live is None:
-                    continue
-                active = client.read_global_concurrency_limit_by_name(name).active_slots
-                if active > live[name]:
-                    log.warning("device pool: %s had %d slot(s) held by runs that were killed; freeing them "
-                                "(%d held by live runs stay)", name, active - live[name], live[name])
-                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=live[name]))
+                client.upsert_global_concurrency_limit_by_name(self.limit_name(i), self.max_tasks)
+            if reset_stale:
+                self._free_dead_slots(client)
         log.info("device pool: %s, %d stage(s) per device", ", ".join(self.devices), self.max_tasks)
+
+    def _free_dead_slots(self, client: Any) -> None:
+        """Lower each limit's active slots to what live processes hold (call under :meth:`_exclusive`)."""
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+        live = self._registry.live_holdings()
+        for i in range(len(self.devices)):
+            name = self.limit_name(i)
+            active = client.read_global_concurrency_limit_by_name(name).active_slots
+            if active > live[name]:
+                log.warning("device pool: %s had %d slot(s) held by runs that were killed; freeing them "
+                            "(%d held by live runs stay)", name, active - live[name], live[name])
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=live[name]))
+
+    def _free_dead_slots_while_waiting(self) -> None:
+        """A stage waiting for a device frees the slots of runs killed meanwhile (their leases died with their
+        embedded server, so nothing else would), at most every ``DEAD_SLOT_CHECK_SECONDS``."""
+        if self._registry is None or time.monotonic() - self._dead_checked < DEAD_SLOT_CHECK_SECONDS:
+            return
+        self._dead_checked = time.monotonic()
+        try:
+            with self._exclusive(), get_client(sync_client=True) as client:
+                self._free_dead_slots(client)
+        except Exception as exc:  # noqa: BLE001 - the next check tries again
+            log.debug("device pool: checking for slots of killed runs failed: %s", exc)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -152,6 +173,7 @@ class DevicePool:
             except TimeoutError:  # another process holds this device: give the local slot back, retry
                 self._release_local(index)
                 check_cancelled(f"stage {stage} (waiting for {self.devices[index]})")
+                self._free_dead_slots_while_waiting()
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
@@ -202,6 +224,7 @@ class DevicePool:
                 for i in indices:
                     self._release_local(i)
                 check_cancelled(f"stage {stage} (waiting for {', '.join(self.devices[i] for i in indices)})")
+                self._free_dead_slots_while_waiting()
                 time.sleep(POLL_SECONDS)
                 continue
             except BaseException:
