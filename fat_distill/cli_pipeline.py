@@ -490,7 +490,7 @@ def register(app: typer.Typer) -> None:
             method, scores = next(iter((d.get("metrics") or {}).get("retrieval", {}).items()), (None, {}))
             mAP = "" if scores.get("mAP") is None else f"{100 * scores['mAP']:.1f}" + (
                 "" if method == "distilled" else f" ({method})")
-            t.add_row(d["run_id"], f"[{STATE_STYLE.get(d['status'], '')}]{d['status']}[/]", d.get("created", ""),
+            t.add_row(Text(str(d.get("run_id", "?"))), _state_text(d.get("status", "?")), str(d.get("created", "")),
                       f"{states.count('ran')}/{states.count('cached')}/{states.count('failed')}", mAP)
         console.print(t)
         sweeps = list_sweeps(runs_root)
