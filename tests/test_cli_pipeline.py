@@ -162,7 +162,7 @@ def test_demo_runs_with_overrides(tmp_path):
                  "teacher.rounds=1", "baselines=[]", *train]
     result = invoke("demo", *[arg for override in overrides for arg in ("--set", override)])
     assert result.exit_code == 0, result.output
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if not p.is_symlink()]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if not p.is_symlink() and not p.name.startswith(".")]
     assert run_dir.name.startswith("demo-") and "done in" in result.output and run_dir.name in result.output
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["synth"]["identities"] == 12 and saved["teacher"]["train"]["epochs"] == 1
