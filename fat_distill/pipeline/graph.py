@@ -63,6 +63,7 @@ def make_call(name: str, kind: str, fn: Callable[..., dict], *, inputs: dict[str
 def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor: Executor) -> dict[str, Any]:
     """Run every stage of the pipeline through ``executor``; returns the run's metrics summary."""
     progress = config.run.progress
+    config = config.with_shared_image_cache()
 
     data = executor.submit(make_call("data", "data", stages.data_stage, inputs={}, config=config.data,
                                      kwargs={"config": config.data, "work_dir": str(paths.stage_dir("data"))})).result()

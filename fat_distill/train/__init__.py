@@ -7,7 +7,7 @@ from fat_distill.train.checkpoint import (
     save_checkpoint,
 )
 from fat_distill.train.config import TrainConfig
-from fat_distill.train.data import TrainData, build_train_data
+from fat_distill.train.data import TrainData, build_train_data, cache_policy, open_dataset
 from fat_distill.train.device import DeviceSettings, device_settings, resolve_device, set_cpu_threads
 from fat_distill.train.distributed import (
     DistributedTrainingError,
@@ -33,6 +33,6 @@ __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
     "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
     "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
-    "build_train_data", "device_settings", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
+    "build_train_data", "cache_policy", "device_settings", "open_dataset", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
     "load_checkpoint", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
 ]
