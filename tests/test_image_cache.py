@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from fat_distill.data import CachePolicy, ImageDecodeError, ManifestImageDataset, decode_count, open_image_cache
-from fat_distill.data.image_cache import cache_file, image_cache_key
+from fat_distill.data.image_cache import CACHE_DIRNAME, cache_file, image_cache_key
 from fat_distill.distill import TeacherConfig, make_soft_labels, run_teacher_round
-from fat_distill.distill._common import IMAGE_CACHE_DIRNAME, predict_logits
+from fat_distill.distill._common import predict_logits
 from fat_distill.evaluate import extract_manifest_features
 from fat_distill.manifests import write_manifest
 from fat_distill.models import build_model
@@ -204,7 +204,7 @@ def test_a_second_stage_reads_the_first_stages_cache_without_decoding(dataset_ma
     before = decode_count()
     round_manifest = run_teacher_round(dataset_manifest, None, config, 0, tmp_path / "teacher", "cpu")
     assert decode_count() - before == 16  # the train images, once
-    cache_dir = dataset_manifest.parent / IMAGE_CACHE_DIRNAME
+    cache_dir = dataset_manifest.parent / CACHE_DIRNAME
     assert len(list(cache_dir.glob("images-24x12-*.npy"))) == 1
 
     before = decode_count()
@@ -227,7 +227,7 @@ def test_cache_settings_are_left_out_of_config_hashes_and_a_pipeline_shares_one_
                                                                  "cache_dir": "/elsewhere"}}})
     assert plain.student.training_hash() == tuned.student.training_hash()
     shared = plain.with_shared_image_cache()
-    expected = str((tmp_path / "m" / IMAGE_CACHE_DIRNAME).resolve())
+    expected = str((tmp_path / "m" / CACHE_DIRNAME).resolve())
     assert shared.teacher.train.cache_dir == expected and shared.student.train.cache_dir == expected
     assert shared.baseline_config("ce").train.cache_dir == expected
     assert tuned.with_shared_image_cache().student.train.cache_dir == "/elsewhere"

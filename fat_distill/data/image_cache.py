@@ -65,6 +65,8 @@ log = logging.getLogger("fat_distill.data")
 
 CacheMode = Literal["auto", "memory", "disk", "off"]
 CACHE_MODES: tuple[str, ...] = ("auto", "memory", "disk", "off")
+#: Name of the cache folder the stages use beside the dataset manifest, and a pipeline under its manifests root.
+CACHE_DIRNAME = ".image_cache"
 #: Part of every key: raise it when the decoding or the array layout changes.
 CACHE_FORMAT = 1
 GIB = 1024**3

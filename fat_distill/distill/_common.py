@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fat_distill.data.batch_transforms import to_model_input
+from fat_distill.data.image_cache import CACHE_DIRNAME
 from fat_distill.data.loading import ImageBatches, sequential_batches
 from fat_distill.data.paths import check_sample_paths
 from fat_distill.manifests import ManifestError, ManifestMeta, read_manifest, read_manifest_meta
@@ -29,7 +30,6 @@ log = logging.getLogger("fat_distill.distill")
 
 DISTRACTOR_PID = 0
 STAGE_MARKER = "stage.json"
-IMAGE_CACHE_DIRNAME = ".image_cache"
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DatasetInput:
     def image_cache_dir(self) -> Path:
         """Default folder of the decoded-image cache: ``.image_cache/`` beside the manifest
         (``train.cache_dir`` overrides it; see :mod:`fat_distill.data.image_cache`)."""
-        return self.path.parent / IMAGE_CACHE_DIRNAME
+        return self.path.parent / CACHE_DIRNAME
 
 
 def load_dataset(path: str | os.PathLike, *, allow_outside_root: bool | None = None) -> DatasetInput:

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from fat_distill.config_sections import Section
 from fat_distill.distill import STUDENT_METHODS, StudentConfig, TeacherConfig
-from fat_distill.distill._common import IMAGE_CACHE_DIRNAME
+from fat_distill.data.image_cache import CACHE_DIRNAME
 
 
 class SynthSection(Section):
@@ -109,7 +109,7 @@ class PipelineConfig(Section):
         """This config with ``train.cache_dir`` of the teacher and the student, where unset, at
         ``<run.manifests_root>/.image_cache`` (absolute), so every run under that root shares one
         decoded-image cache. The cache folder is not part of any config hash: stage keys stay the same."""
-        directory = str((Path(self.run.manifests_root) / IMAGE_CACHE_DIRNAME).resolve())
+        directory = str((Path(self.run.manifests_root) / CACHE_DIRNAME).resolve())
 
         def section(stage: TeacherConfig | StudentConfig) -> TeacherConfig | StudentConfig:
             if stage.train.cache_dir is not None:

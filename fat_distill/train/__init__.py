@@ -33,6 +33,7 @@ __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
     "FATObjective", "FitResult", "MetricObjective", "NonFiniteLossError", "Objective", "SampleTable",
     "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData", "TrainingSetup", "build_objective",
-    "build_train_data", "cache_policy", "device_settings", "open_dataset", "fit", "fit_distributed", "is_data_parallel", "latest_checkpoint",
-    "load_checkpoint", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
+    "build_train_data", "cache_policy", "device_settings", "fit", "fit_distributed", "is_data_parallel",
+    "latest_checkpoint", "load_checkpoint", "open_dataset", "resolve_device", "save_checkpoint", "set_cpu_threads",
+    "state_digest",
 ]
