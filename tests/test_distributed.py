@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from fat_distill.data import normalize_batch
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.models import build_model
 from fat_distill.train import (
@@ -54,7 +55,7 @@ def fat_setup(frame: pd.DataFrame, root, config: TrainConfig, settings) -> Train
 
 
 class PoisonedImages(Dataset):
-    """The training images, with one dataset index turned into NaN pixels."""
+    """The training images, normalised here (fit takes float images as they are), one index turned into NaN pixels."""
 
     def __init__(self, images: Dataset, poisoned_index: int) -> None:
         self.images, self.poisoned_index = images, poisoned_index
@@ -64,6 +65,7 @@ class PoisonedImages(Dataset):
 
     def __getitem__(self, index: int):
         image, label, i = self.images[index]
+        image = normalize_batch(image.unsqueeze(0)).squeeze(0)
         return (torch.full_like(image, float("nan")) if index == self.poisoned_index else image), label, i
 
 
@@ -195,7 +197,7 @@ def averaged_gradient_reference(frame, root, config: TrainConfig, world_size: in
             outputs = []
             for batch in batches[step * world_size : (step + 1) * world_size]:
                 images, labels, indices = default_collate([parts.dataset[int(i)] for i in batch])
-                output = model(images)
+                output = model(normalize_batch(images))  # no augmentation configured: only normalisation
                 (objective.compute(output, labels, indices).loss / world_size).backward()
                 outputs.append((output, labels, indices))
             optimizer.step()

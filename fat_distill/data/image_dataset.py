@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Hashable, Mapping
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,10 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from fat_distill.data.paths import check_sample_paths
+from fat_distill.data.transforms import resize_image
+
+if TYPE_CHECKING:
+    from fat_distill.data.image_cache import ImageCache
 
 REPAIR_HINT = "run `fat-distill data index --verify --skip-bad` to find and drop unreadable images"
 
@@ -35,6 +41,19 @@ class ImageDecodeError(RuntimeError):
         super().__init__(message)
         self.path = path
         self.sample_id = sample_id
+
+
+_decodes = 0
+_decodes_lock = threading.Lock()
+
+
+def decode_count() -> int:
+    """How many image files :func:`decode_image_file` has decoded in this process so far.
+
+    DataLoader worker processes count in their own process, not here. Tests use
+    it to check that a stage reading the decoded-image cache decodes nothing.
+    """
+    return _decodes
 
 
 def _decoded_natively(data: bytes) -> bool:
@@ -60,6 +79,9 @@ def decode_image_file(path: str | Path, *, sample_id: str | None = None, hint: s
     Raises:
         ImageDecodeError: the file is missing, unreadable, truncated or not an image.
     """
+    global _decodes
+    with _decodes_lock:
+        _decodes += 1
     where = f"image {str(path)!r}" + (f" (sample_id {sample_id!r})" if sample_id is not None else "")
     try:
         data = Path(path).read_bytes()
@@ -108,10 +130,19 @@ def build_label_map(labels: pd.Series | np.ndarray) -> dict[Hashable, int]:
 class ManifestImageDataset(Dataset):
     """Images listed in a manifest DataFrame, labelled with contiguous class indices.
 
-    ``dataset[i]`` returns ``(image, label_index, i)``: the transformed image (a
-    (3, H, W) uint8 tensor if ``transform`` is ``None``), the index of row i's
-    label in :attr:`label_map`, and i itself, so losses and confidence scores can
-    be written back to the manifest row (``frame.iloc[i]``).
+    ``dataset[i]`` returns ``(image, label_index, i)``: the image (a (3, H, W)
+    uint8 tensor, resized to ``image_size`` when given, then passed through
+    ``transform`` when given), the index of row i's label in :attr:`label_map`,
+    and i itself, so losses and confidence scores can be written back to the
+    manifest row (``frame.iloc[i]``).
+
+    Training and evaluation read uint8 images at the model's ``image_size`` and
+    normalise (and augment) whole batches on the device
+    (:mod:`fat_distill.data.batch_transforms`). With a decoded-image ``cache``
+    (:func:`fat_distill.data.image_cache.open_image_cache`) the images come from
+    its array instead of being decoded again; :meth:`image_batch` then gathers a
+    whole batch in one copy. Both ways give the same pixels (one resize function,
+    :func:`fat_distill.data.transforms.resize_image`).
 
     Args:
         frame: rows with at least ``sample_id``, ``path`` (relative to ``root``,
@@ -128,6 +159,9 @@ class ManifestImageDataset(Dataset):
         allow_outside_root: read paths that are absolute, climb out with ``..``
             or are symlinks leaving ``root`` (rejected by default, see
             :mod:`fat_distill.data.paths`).
+        image_size: ``(height, width)`` every decoded image is resized to;
+            ``None`` keeps the decoded size (then ``cache`` must be ``None``).
+        cache: decoded images of (at least) these rows' paths at ``image_size``.
 
     Raises:
         ValueError: a required column is missing, a label is missing (NaN), or a
@@ -144,6 +178,8 @@ class ManifestImageDataset(Dataset):
         label_column: str = "pid",
         label_map: Mapping[Hashable, int] | None = None,
         allow_outside_root: bool = False,
+        image_size: tuple[int, int] | None = None,
+        cache: ImageCache | None = None,
     ) -> None:
         missing = [column for column in ("sample_id", "path", label_column) if column not in frame.columns]
         if missing:
@@ -177,6 +213,24 @@ class ManifestImageDataset(Dataset):
                 "build the map from a frame that contains every label, or filter those rows out"
             )
         self.labels = np.array([self.label_map[label] for label in raw_labels], dtype=np.int64)
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.cache: ImageCache | None = None
+        self.cache_rows: np.ndarray | None = None
+        if cache is not None:
+            self.attach_cache(cache)
+
+    def attach_cache(self, cache: ImageCache) -> None:
+        """Read images from ``cache`` from now on (it must hold every path of this dataset at ``image_size``)."""
+        if self.image_size != cache.image_size:
+            raise ValueError(f"ManifestImageDataset: the image cache holds {cache.image_size} images but "
+                             f"image_size is {self.image_size}; open the cache at the dataset's image_size")
+        self.cache_rows = cache.rows_of(self.paths)
+        self.cache = cache
+
+    @property
+    def cached(self) -> bool:
+        """Whether images come from a decoded-image cache (no decoding per sample)."""
+        return self.cache is not None
 
     @property
     def num_classes(self) -> int:
@@ -188,7 +242,27 @@ class ManifestImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         """Returns ``(image, label_index, index)``; see the class docstring."""
-        image = decode_image_file(self.root / self.paths[index], sample_id=self.sample_ids[index])
+        if self.cache is not None:
+            image = torch.from_numpy(np.array(self.cache.images[self.cache_rows[index]]))
+        else:
+            image = decode_image_file(self.root / self.paths[index], sample_id=self.sample_ids[index])
+            if self.image_size is not None:
+                image = resize_image(image, self.image_size)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index]), index
+
+    def image_batch(self, indices: Sequence[int] | np.ndarray) -> Tensor:
+        """The images of ``indices`` as one ``(B, 3, H, W)`` tensor (``transform`` is not applied).
+
+        From the cache this is a single gather; otherwise each image is decoded
+        and resized here, in this process (use a DataLoader with workers for that).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.cache is not None:
+            return torch.from_numpy(np.take(self.cache.images, self.cache_rows[indices], axis=0))
+        images = []
+        for index in indices.tolist():
+            image = decode_image_file(self.root / self.paths[index], sample_id=self.sample_ids[index])
+            images.append(image if self.image_size is None else resize_image(image, self.image_size))
+        return torch.stack(images)

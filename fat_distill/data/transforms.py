@@ -2,6 +2,12 @@
 
 The training recipe is Bag of Tricks' (Luo et al. 2019): resize, random
 horizontal flip, zero-pad + random crop back to size, normalise, random erasing.
+
+Training and evaluation resize each image once with :func:`resize_image` (when
+it is decoded, or when the decoded-image cache is built) and apply everything
+else to whole uint8 batches on the device (:mod:`fat_distill.data.batch_transforms`).
+:func:`build_transforms` is the same recipe per sample, for code that wants a
+single transformed image.
 """
 
 from __future__ import annotations
@@ -9,10 +15,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a (3, H, W) uint8 image to ``size`` = (height, width), bilinear with antialiasing.
+
+    The one resize of every input path: per-sample decoding, the decoded-image
+    cache and :func:`build_transforms` (``v2.Resize(size, antialias=True)`` calls
+    this same function), so features do not depend on whether the cache is used.
+
+    Returns:
+        shape (3, height, width), uint8 (the input itself when it already has that size).
+    """
+    return TF.resize(image, [int(size[0]), int(size[1])], antialias=True)
 
 
 def build_transforms(

@@ -16,9 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from fat_distill.cancel import check_cancelled
+from fat_distill.data.batch_transforms import to_model_input
+from fat_distill.data.image_cache import CACHE_DIRNAME
+from fat_distill.data.loading import ImageBatches, sequential_batches
 from fat_distill.data.paths import check_sample_paths
 from fat_distill.manifests import ManifestError, ManifestMeta, read_manifest, read_manifest_meta
 from fat_distill.models import EmbeddingModel, build_model
@@ -43,6 +46,12 @@ class DatasetInput:
     @property
     def content_hash(self) -> str:
         return self.meta.content_hash or ""
+
+    @property
+    def image_cache_dir(self) -> Path:
+        """Default folder of the decoded-image cache: ``.image_cache/`` beside the manifest
+        (``train.cache_dir`` overrides it; see :mod:`fat_distill.data.image_cache`)."""
+        return self.path.parent / CACHE_DIRNAME
 
 
 def load_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
@@ -162,7 +171,8 @@ def load_model(config: TrainConfig, num_classes: int, checkpoint: str | os.PathL
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, dataset: Dataset, settings: DeviceSettings, *, batch_size: int = 128,
-                   num_workers: int = 0, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+                   num_workers: int | str = "auto",
+                   indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Classifier logits of ``dataset`` (eval transforms, no flip), in dataset order.
 
     Runs in float32 even where training used mixed precision: bf16 logits carry
@@ -170,21 +180,22 @@ def predict_logits(model: nn.Module, dataset: Dataset, settings: DeviceSettings,
     threshold or fitted by a mixture.
 
     Args:
-        dataset: yields ``(image, label, index)``.
+        dataset: yields ``(image, label, index)``; uint8 images are normalised on the device.
+        num_workers: DataLoader workers decoding uncached images (``"auto"``: from the machine).
         indices: only these dataset indices (default: all).
 
     Returns:
         ``(N, C)`` float32 logits (N = ``len(indices)`` or ``len(dataset)``).
     """
-    if indices is not None:
-        dataset = Subset(dataset, [int(i) for i in indices])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=settings.pin_memory)
+    batches = sequential_batches(len(dataset) if indices is None else indices, batch_size)
+    loader = ImageBatches(dataset, batches, num_workers=num_workers, pin_memory=settings.pin_memory,
+                          persistent_workers=False)
     was_training = model.training
     model.eval()
     chunks = []
     for images, _, _ in loader:
         check_cancelled("class-probability pass")
+        images = to_model_input(images.to(settings.device, non_blocking=settings.non_blocking))
         out = model(settings.to_device(images))
         if out.logits is None:
             raise ValueError("predicting class probabilities needs a classifier, but the model has num_classes=0")

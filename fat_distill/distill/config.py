@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fat_distill.config_hash import config_hash
+from fat_distill.config_hash import config_hash, hashed_fields
 from fat_distill.config_sections import Section
 from fat_distill.train import TrainConfig
 
@@ -62,11 +62,11 @@ class TeacherConfig(Section):
 
     def round_hash(self) -> str:
         """Hash of the fields that determine what every round computes (its manifests' config hash)."""
-        return config_hash(self.model_dump(mode="json", exclude=_NOT_PER_ROUND))
+        return config_hash(hashed_fields(self, exclude=_NOT_PER_ROUND))
 
     def soft_labels_hash(self) -> str:
         """Hash of what the soft labels depend on: the rounds' settings plus T and k."""
-        return config_hash(self.model_dump(mode="json", exclude={"tolerance"}))
+        return config_hash(hashed_fields(self, exclude={"tolerance"}))
 
 
 class StudentConfig(Section):
@@ -133,7 +133,7 @@ class StudentConfig(Section):
 
     def training_hash(self) -> str:
         """Hash of the fields that change the trained weights (not the evaluation-only ones)."""
-        return config_hash(self.model_dump(mode="json", exclude=_EVALUATION_ONLY))
+        return config_hash(hashed_fields(self, exclude=_EVALUATION_ONLY))
 
     @property
     def objective(self) -> str:

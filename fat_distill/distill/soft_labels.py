@@ -195,7 +195,7 @@ def make_soft_labels(
 
     settings = stage_settings(device, config.train)
     data = build_train_data(train, dataset.root, config.train, label_map=label_map,
-                            allow_outside_root=dataset.allow_outside_root)
+                            allow_outside_root=dataset.allow_outside_root, cache_dir=dataset.image_cache_dir)
     logits = np.zeros((len(train), len(label_map)), dtype=np.float32)
     if len(checkpoints) == 1:
         groups = [(checkpoints[0], np.arange(len(train)))]

@@ -38,6 +38,7 @@ from fat_distill.distill.config import StudentConfig
 from fat_distill.distill.soft_labels import soft_targets_for
 from fat_distill.manifests import parent_ref, read_manifest, write_manifest
 from fat_distill.train import DeviceSettings, build_objective, build_train_data, fit
+from fat_distill.train.data import cache_policy
 from fat_distill.train.distributed import TrainingSetup, fit_distributed, is_data_parallel
 from fat_distill.train.model_card import class_pids_of, describe_model
 
@@ -192,7 +193,8 @@ def train_student(
     claim_directory(out_dir, {"stage": stage, "config": config.training_hash(), "dataset": dataset.content_hash,
                               "soft_labels": manifest_hash(soft_labels_manifest)}, stage)
     setup = functools.partial(_student_setup, train, dataset.root, label_column, label_map, soft_ids, soft_probs,
-                              confident, config, allow_outside_root=dataset.allow_outside_root)
+                              confident, config, allow_outside_root=dataset.allow_outside_root,
+                              cache_dir=dataset.image_cache_dir, progress=progress)
     if is_data_parallel(config.train):
         if device not in (None, "auto"):
             log.info("%s: train.devices %s set, so the device argument %s is not used", stage,
@@ -212,10 +214,11 @@ def train_student(
 
 def _student_setup(train: pd.DataFrame, root: Path, label_column: str, label_map: dict[Hashable, int],
                    soft_ids: torch.Tensor | None, soft_probs: torch.Tensor | None, confident: torch.Tensor | None,
-                   config: StudentConfig, settings: DeviceSettings, *, allow_outside_root: bool = False) -> TrainingSetup:
+                   config: StudentConfig, settings: DeviceSettings, *, allow_outside_root: bool = False,
+                   cache_dir: Path | None = None, progress: bool = False) -> TrainingSetup:
     """The student's data, model and objective on one device (each data-parallel rank calls it too)."""
     data = build_train_data(train, root, config.train, label_column=label_column, label_map=label_map,
-                            allow_outside_root=allow_outside_root)
+                            allow_outside_root=allow_outside_root, cache_dir=cache_dir, progress=progress)
     model = new_model(config.train, data.num_classes, settings)
     hard_target = "smooth" if config.smoothing > 0 else "hard"
     objective = build_objective(
@@ -253,7 +256,8 @@ def student_features(dataset: DatasetInput, checkpoint: PathLike, config: Studen
     return {name: extract_manifest_features(model, rows, dataset.root, image_size=tuple(config.train.image_size),
                                             batch_size=max(64, config.train.batch_size), device=settings.device,
                                             num_workers=config.train.num_workers, flip=config.flip_test,
-                                            allow_outside_root=dataset.allow_outside_root)
+                                            allow_outside_root=dataset.allow_outside_root,
+                                            cache=cache_policy(config.train, dataset.image_cache_dir))
             for name, rows in parts.items()}
 
 

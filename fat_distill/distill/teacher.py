@@ -189,7 +189,8 @@ def _train_model(inputs: _RoundInputs, config: TeacherConfig, round: int, mask: 
                  init_from: Path | None, device, stage: str, progress: bool, tensorboard_dir: PathLike | None):
     settings = stage_settings(device, config.train)
     data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
-                            train_mask=mask, allow_outside_root=inputs.dataset.allow_outside_root)
+                            train_mask=mask, allow_outside_root=inputs.dataset.allow_outside_root,
+                            cache_dir=inputs.dataset.image_cache_dir, progress=progress)
     model = new_model(config.train, data.num_classes, settings)
     if init_from is not None:
         if not init_from.is_file():
@@ -344,7 +345,8 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
         logits = np.zeros((n, len(inputs.label_map)), dtype=np.float32)
         settings = stage_settings(device, config.train)
         data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
-                                allow_outside_root=inputs.dataset.allow_outside_root)
+                                allow_outside_root=inputs.dataset.allow_outside_root,
+                                cache_dir=inputs.dataset.image_cache_dir)
         for fold in range(config.folds):
             checkpoint = _run_fold(inputs, config, round, fold, out_dir, device, progress, tensorboard_dir)
             held_out = np.flatnonzero(inputs.folds == fold)

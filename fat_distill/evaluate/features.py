@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from fat_distill.cancel import check_cancelled
+from fat_distill.data.batch_transforms import to_model_input
+from fat_distill.data.image_cache import CachePolicy, open_image_cache
 from fat_distill.data.image_dataset import ManifestImageDataset
-from fat_distill.data.transforms import build_transforms
+from fat_distill.data.loading import ImageBatches, sequential_batches
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,10 @@ def extract_features(
         model: has ``embed(images) -> (B, D)``, e.g. any
             :class:`fat_distill.models.EmbeddingModel`; already on ``device``.
         loader: yields image tensors (B, 3, H, W) or ``(images, labels,
-            indices)`` tuples as :class:`ManifestImageDataset` does.
+            indices)`` tuples as :class:`ManifestImageDataset` does; uint8
+            images are normalised on ``device``
+            (:func:`~fat_distill.data.batch_transforms.normalize_batch`), float
+            images are taken as already normalised.
         device: where the model runs.
         flip: also embed the horizontally flipped image and average.
         amp: autocast the forward pass (bf16 where supported, else fp16);
@@ -111,7 +114,7 @@ def extract_features(
                 check_cancelled(f"feature extraction after {seen} image(s)")
                 images, indices = _split_batch(batch, seen)
                 seen += len(images)
-                images = images.to(device, non_blocking=on_cuda)
+                images = to_model_input(images.to(device, non_blocking=on_cuda))
                 with autocast:
                     embeddings = model.embed(images).float()
                     if flip:
@@ -137,15 +140,18 @@ def extract_manifest_features(
     image_size: tuple[int, int],
     batch_size: int,
     device: str | torch.device,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     flip: bool = True,
     allow_outside_root: bool = False,
+    cache: CachePolicy | None = None,
 ) -> Tensor:
     """Features of the images listed in a ``dataset`` manifest frame, in the frame's row order.
 
-    Builds a :class:`ManifestImageDataset` with the evaluation transforms
-    (resize + normalise) and a sequential loader (pinned memory on CUDA), then
-    calls :func:`extract_features`.
+    Reads the images resized to ``image_size`` as uint8 (from the decoded-image
+    cache when ``cache`` allows, else decoded per sample), normalises each batch
+    on ``device`` and calls :func:`extract_features`. The resize and the
+    normalisation are those of ``build_transforms(image_size, train=False)``, so
+    the features are the same with and without the cache.
 
     Args:
         model: as in :func:`extract_features`; already on ``device``.
@@ -154,9 +160,10 @@ def extract_manifest_features(
         image_size: (height, width) the model expects, e.g. (256, 128).
         batch_size: images per forward pass (twice that with ``flip``).
         device: where the model runs.
-        num_workers: DataLoader worker processes decoding images.
+        num_workers: DataLoader worker processes decoding uncached images (``"auto"``: from the machine).
         flip: average with the horizontally flipped image.
         allow_outside_root: permit paths that leave ``root`` (see :mod:`fat_distill.data.paths`).
+        cache: decoded-image cache policy (:mod:`fat_distill.data.image_cache`); ``None``: decode per sample.
 
     Returns:
         shape (len(frame), D), float32, unit L2 norm, on the CPU; row i is ``frame.iloc[i]``.
@@ -166,15 +173,13 @@ def extract_manifest_features(
     if len(frame) == 0:
         raise ValueError("extract_manifest_features: the frame has no rows")
     device = torch.device(device)
-    dataset = ManifestImageDataset(frame, root, transform=build_transforms(tuple(image_size), train=False),
-                                   allow_outside_root=allow_outside_root)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    dataset = ManifestImageDataset(frame, root, allow_outside_root=allow_outside_root, image_size=tuple(image_size))
+    if cache is not None:
+        images = open_image_cache(root, dataset.paths, dataset.image_size, cache, sample_ids=dataset.sample_ids)
+        if images is not None:
+            dataset.attach_cache(images)
+    loader = ImageBatches(dataset, sequential_batches(len(dataset), batch_size), num_workers=num_workers,
+                          pin_memory=device.type == "cuda", persistent_workers=False)
     features, indices = extract_features(model, loader, device, flip=flip)
     ordered = torch.empty_like(features)
     ordered[indices] = features

@@ -6,12 +6,14 @@ Each stage's cache key includes the JSON of its own section only, so changing
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from fat_distill.config_sections import Section
 from fat_distill.distill import STUDENT_METHODS, StudentConfig, TeacherConfig
+from fat_distill.data.image_cache import CACHE_DIRNAME
 
 
 class SynthSection(Section):
@@ -146,6 +148,19 @@ class PipelineConfig(Section):
         for method in self.baselines:
             configs.setdefault(method, self.baseline_config(method))
         return configs
+
+    def with_shared_image_cache(self) -> PipelineConfig:
+        """This config with ``train.cache_dir`` of the teacher and the student, where unset, at
+        ``<run.manifests_root>/.image_cache`` (absolute), so every run under that root shares one
+        decoded-image cache. The cache folder is not part of any config hash: stage keys stay the same."""
+        directory = str((Path(self.run.manifests_root) / CACHE_DIRNAME).resolve())
+
+        def section(stage: TeacherConfig | StudentConfig) -> TeacherConfig | StudentConfig:
+            if stage.train.cache_dir is not None:
+                return stage
+            return stage.model_copy(update={"train": stage.train.model_copy(update={"cache_dir": directory})})
+
+        return self.model_copy(update={"teacher": section(self.teacher), "student": section(self.student)})
 
 
 def demo_config() -> PipelineConfig:

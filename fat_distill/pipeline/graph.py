@@ -70,6 +70,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     tensorboard = str(paths.run_dir / "tensorboard") if config.run.tensorboard else None
     if tensorboard:
         require_tensorboard()
+    config = config.with_shared_image_cache()
 
     # A given manifest is an input: editing it (in pandas, say) must re-run the data stage.
     given = config.data.manifest if config.data.source == "manifest" else None

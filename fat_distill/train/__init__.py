@@ -7,7 +7,7 @@ from fat_distill.train.checkpoint import (
     save_checkpoint,
 )
 from fat_distill.train.config import TrainConfig
-from fat_distill.train.data import TrainData, build_train_data
+from fat_distill.train.data import TrainData, build_train_data, cache_policy, open_dataset
 from fat_distill.train.device import DeviceSettings, device_settings, resolve_device, set_cpu_threads
 from fat_distill.train.distributed import (
     DistributedTrainingError,
@@ -36,8 +36,8 @@ __all__ = [
     "OBJECTIVES", "CheckpointError", "ClassificationObjective", "DeviceSettings", "DistributedTrainingError",
     "EpochRecorder", "FATObjective", "FitResult", "LossDivergedError", "MetricObjective", "ModelCard", "ModelCardError",
     "NonFiniteLossError", "Objective", "SampleTable", "SetupFactory", "SyncedObjective", "TrainConfig", "TrainData",
-    "TrainingSetup", "build_objective", "build_train_data", "describe_model", "device_settings", "fit",
-    "fit_distributed", "is_data_parallel", "latest_checkpoint", "load_checkpoint", "read_history", "read_model_card",
-    "recording_fits", "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads", "state_digest",
-    "summarise_fits", "write_history",
+    "TrainingSetup", "build_objective", "build_train_data", "cache_policy", "describe_model", "device_settings", "fit",
+    "fit_distributed", "is_data_parallel", "latest_checkpoint", "load_checkpoint", "open_dataset", "read_history",
+    "read_model_card", "recording_fits", "require_tensorboard", "resolve_device", "save_checkpoint", "set_cpu_threads",
+    "state_digest", "summarise_fits", "write_history",
 ]

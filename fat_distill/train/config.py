@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, model_serializer, model_validator
+
+from fat_distill.config_hash import HASH_CONTEXT_KEY
+
+#: Settings that change how fast images are fed, never what is trained: left out of every config hash,
+#: so changing them neither retrains a stage nor refuses to resume its checkpoints.
+INPUT_PIPELINE_FIELDS = frozenset({"num_workers", "cache", "cache_dir", "cache_memory_gb", "cache_disk_gb"})
 
 
 class TrainConfig(BaseModel):
@@ -44,7 +50,18 @@ class TrainConfig(BaseModel):
                     "feature-selection layer, applied as a proximal step after every optimiser step so unused "
                     "input features become exactly zero; 0 = off (models without feature-selection layers "
                     "refuse a non-zero value)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes decoding images that are not cached; auto: one per CPU "
+                            "but one (at most 8), none when the images are cached")
+    cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto", description="decoded-image cache: images decoded and resized once per (images, image_size) into "
+                            "a uint8 array, on disk (memory-mapped .npy, shared by stages and runs) or in memory; "
+                            "auto: disk when it fits cache_disk_gb, else memory when it fits cache_memory_gb, "
+                            "else decode per sample")
+    cache_dir: str | None = Field(None, description="folder of the cache files; None: .image_cache/ beside the "
+                                                    "dataset manifest (a pipeline: <run.manifests_root>/.image_cache)")
+    cache_memory_gb: float = Field(8.0, ge=0, description="cache auto: the largest array held in memory")
+    cache_disk_gb: float = Field(64.0, ge=0, description="cache auto: the largest array written to disk")
     amp: bool | None = Field(None, description="mixed precision; None = on for CUDA only")
     channels_last: bool | None = Field(None, description="None = on for CUDA only")
     flip_p: float = Field(0.5, ge=0, le=1)
@@ -65,11 +82,20 @@ class TrainConfig(BaseModel):
         if min(self.image_size) < 1:
             raise ValueError(f"image_size {list(self.image_size)} must be two positive sizes (height, width), "
                              "e.g. [128, 64]")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be 'auto' or >= 0, got {self.num_workers}")
         if self.batch_p * self.batch_k < 2:
             raise ValueError("a batch needs at least 2 images (batch_p × batch_k)")
         if len(self.devices) >= 2:
             _check_parallel_devices(self.devices)
         return self
+
+    @model_serializer(mode="wrap")
+    def _hash_without_input_settings(self, handler: Any, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        if isinstance(info.context, dict) and info.context.get(HASH_CONTEXT_KEY):
+            return {key: value for key, value in data.items() if key not in INPUT_PIPELINE_FIELDS}
+        return data
 
     @property
     def batch_size(self) -> int:

@@ -1,4 +1,4 @@
-"""From a manifest frame to what the training loop consumes: datasets, label map, P×K batches."""
+"""From a manifest frame to what the training loop consumes: the images, label map, P×K batches."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fat_distill.data.image_cache import CachePolicy, ImageCache, open_image_cache
 from fat_distill.data.image_dataset import ManifestImageDataset
 from fat_distill.data.sampler import IdentityBatchSampler
-from fat_distill.data.transforms import build_transforms
 from fat_distill.train.config import TrainConfig
 
 log = logging.getLogger("fat_distill.train")
@@ -20,12 +20,18 @@ log = logging.getLogger("fat_distill.train")
 
 @dataclass
 class TrainData:
-    """Training images with augmentation, the same images with eval transforms, and the batches."""
+    """Training images (uint8 at the model's size), the batches, and the label map.
+
+    ``feature_dataset`` is the same dataset: augmentation (training) and plain
+    normalisation (feature passes) are applied to batches on the device
+    (:mod:`fat_distill.data.batch_transforms`), not per sample.
+    """
 
     dataset: ManifestImageDataset
     feature_dataset: ManifestImageDataset
     batch_sampler: IdentityBatchSampler
     label_map: dict[Hashable, int]
+    cache: ImageCache | None = None
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +54,36 @@ def batch_identities(labels, batch_p: int, train_mask: np.ndarray | None = None)
     return batch_p
 
 
+def cache_policy(config: TrainConfig, directory: str | Path | None = None) -> CachePolicy:
+    """The decoded-image cache settings of ``config``; ``config.cache_dir`` wins over ``directory``
+    (the caller's default folder, e.g. beside the dataset manifest)."""
+    chosen = config.cache_dir or directory
+    return CachePolicy(mode=config.cache, directory=Path(chosen) if chosen else None,
+                       memory_budget_gb=config.cache_memory_gb, disk_budget_gb=config.cache_disk_gb)
+
+
+def open_dataset(
+    frame: pd.DataFrame,
+    root: str | Path,
+    config: TrainConfig,
+    *,
+    label_column: str = "pid",
+    label_map: Mapping[Hashable, int] | None = None,
+    allow_outside_root: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> ManifestImageDataset:
+    """The rows of ``frame`` as uint8 images at ``config.image_size``, from the decoded-image cache when
+    ``config.cache`` (and its budgets) allow; paths are checked before anything is decoded."""
+    dataset = ManifestImageDataset(frame, root, label_column=label_column, label_map=label_map,
+                                   allow_outside_root=allow_outside_root, image_size=tuple(config.image_size))
+    cache = open_image_cache(root, dataset.paths, dataset.image_size, cache_policy(config, cache_dir),
+                             sample_ids=dataset.sample_ids, progress=progress)
+    if cache is not None:
+        dataset.attach_cache(cache)
+    return dataset
+
+
 def build_train_data(
     frame: pd.DataFrame,
     root: str | Path,
@@ -57,8 +93,10 @@ def build_train_data(
     label_map: Mapping[Hashable, int] | None = None,
     train_mask: np.ndarray | None = None,
     allow_outside_root: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> TrainData:
-    """Datasets and a P×K batch sampler over the rows of ``frame``.
+    """The dataset and a P×K batch sampler over the rows of ``frame``.
 
     Args:
         frame: training rows (sample_id, path, label column), in the order dataset indices follow.
@@ -67,17 +105,16 @@ def build_train_data(
         label_map: label → class index; default: built from ``frame`` (sorted labels).
         train_mask: ``(len(frame),)`` bool: only these rows are sampled (e.g. confident samples).
         allow_outside_root: permit paths that leave ``root`` (see :mod:`fat_distill.data.paths`).
+        cache_dir: folder of the decoded-image cache when ``config.cache_dir`` is unset
+            (the stages pass ``.image_cache/`` beside the dataset manifest); ``None``: no
+            file, so ``cache: auto`` can only keep the images in memory.
+        progress: show a progress bar while the cache is built.
     """
     frame = frame.reset_index(drop=True)
-    train_tf = build_transforms(tuple(config.image_size), train=True, flip_p=config.flip_p, pad=config.pad,
-                                random_erasing_p=config.random_erasing_p)
-    eval_tf = build_transforms(tuple(config.image_size), train=False)
-    dataset = ManifestImageDataset(frame, root, transform=train_tf, label_column=label_column, label_map=label_map,
-                                   allow_outside_root=allow_outside_root)
-    # Same rows and root, already checked: the second dataset need not walk the paths again.
-    feature_dataset = ManifestImageDataset(frame, root, transform=eval_tf, label_column=label_column,
-                                           label_map=dataset.label_map, allow_outside_root=True)
+    dataset = open_dataset(frame, root, config, label_column=label_column, label_map=label_map,
+                           allow_outside_root=allow_outside_root, cache_dir=cache_dir, progress=progress)
     sampler = IdentityBatchSampler(dataset.labels, batch_identities(dataset.labels, config.batch_p, train_mask),
-                                   config.batch_k, seed=config.seed, train_mask=train_mask)
-    return TrainData(dataset=dataset, feature_dataset=feature_dataset, batch_sampler=sampler,
-                     label_map=dataset.label_map)
+                                    config.batch_k, seed=config.seed,
+                                   train_mask=train_mask)
+    return TrainData(dataset=dataset, feature_dataset=dataset, batch_sampler=sampler,
+                     label_map=dataset.label_map, cache=dataset.cache)

@@ -21,7 +21,9 @@ embeds with the same model.
 
 Rank 0 writes the epoch checkpoints and ``final.pt`` in :func:`fit`'s format
 (plus ``rng_by_rank``, each rank's random state, so a resumed run continues
-every rank's augmentation stream); every rank resumes from the newest one.
+every rank's random stream); every rank resumes from the newest one.
+Augmentations are seeded per (seed, epoch, global batch number), so each
+batch gets the augmentation it gets in a single-process run.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from fat_distill.cancel import cancel_requested, check_cancelled
 from fat_distill.config_hash import config_hash
+from fat_distill.data.loading import ImageBatches
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.losses import LossOutput
 from fat_distill.models import EmbeddingOutput
@@ -95,7 +98,7 @@ class TrainingSetup:
         objective: its training objective (moved to the device by the loop).
         dataset: training images yielding ``(image, label, index)``.
         batch_sampler: the *unsharded* P×K sampler; each rank takes its share.
-        feature_dataset: the training images with eval transforms (objectives
+        feature_dataset: the training images for feature passes, normalised but not augmented (objectives
             with per-epoch centre refresh need it).
     """
 
@@ -347,7 +350,7 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     cfg_hash = config_hash(config)
-    # Rank 0 draws the augmentations a single-process run would; the others their own streams.
+    # Rank 0 draws the random numbers a single-process run would (dropout …); the others their own streams.
     torch.manual_seed(config.seed + rank)
     optimizer = build_optimizer(model, objective, config)
     batches = parts.batch_sampler.shard(rank, world_size)
@@ -369,13 +372,13 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
 
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     synced = SyncedObjective(objective, stage=stage, rank=rank, world_size=world_size)
-    loader = DataLoader(parts.dataset, batch_sampler=batches, num_workers=config.num_workers,
-                        pin_memory=settings.pin_memory, persistent_workers=False)
+    loader = ImageBatches(parts.dataset, batches, num_workers=config.num_workers, pin_memory=settings.pin_memory,
+                          seed=config.seed)
     feature_share = None
     if objective.needs_feature_pass:
         if parts.feature_dataset is None:
             raise ValueError(f"stage {stage!r}: epoch-refreshed centres need TrainingSetup.feature_dataset")
-        feature_share = Subset(parts.feature_dataset, range(rank, len(parts.feature_dataset), world_size))
+        feature_share = range(rank, len(parts.feature_dataset), world_size)
     recorder = EpochRecorder(checkpoint_dir, stage, tensorboard_dir) if rank == 0 else None
     if recorder is not None:
         recorder.resume(history)
@@ -388,10 +391,10 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
             synced.start_epoch(epoch, last_ckpt)
             if feature_share is not None:
                 _broadcast_buffers(model)
-                _refresh_centres(model, synced, feature_share, config, settings, stage)
+                _refresh_centres(model, synced, parts.feature_dataset, config, settings, stage, indices=feature_share)
             images = sum(len(b) for b in batches)
             stats = _train_epoch(ddp_model, synced, loader, optimizer, scheduler, scaler, config, settings, stage,
-                                 epoch, last_ckpt, bar)
+                                 epoch, last_ckpt, bar, rank=rank, world_size=world_size)
             stats = _merge_stats(stats, images, world_size)
             rngs = [None] * world_size
             dist.all_gather_object(rngs, rng_state())
@@ -405,6 +408,7 @@ def _fit_rank(rank: int, world_size: int, parts: TrainingSetup, config: TrainCon
                 recorder.epoch_done(history)
                 finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
+        loader.close()
         if bar is not None:
             bar.stop()
         if recorder is not None:

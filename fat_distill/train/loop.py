@@ -17,10 +17,12 @@ from rich.console import Console
 from rich.errors import LiveError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fat_distill.cancel import check_cancelled
 from fat_distill.config_hash import config_hash
+from fat_distill.data.batch_transforms import BatchAugmentation, to_model_input
+from fat_distill.data.loading import ImageBatches, sequential_batches
 from fat_distill.data.sampler import IdentityBatchSampler
 from fat_distill.models.sparsity import group_l21_norm, prox_group_l21_, zero_group_fraction
 from fat_distill.train.checkpoint import (
@@ -119,11 +121,21 @@ def build_optimizer(model: nn.Module, objective: nn.Module, config: TrainConfig)
         {"params": [p for p in objective.parameters() if p.requires_grad], "lr": config.lr, "name": "loss"},
     ]
     groups = [g for g in groups if g["params"]]
+    # The fused kernels update every parameter in one call instead of ~10 small ops per tensor: ~5x
+    # faster on the CPU (small_cnn, Adam: 0.6 vs 3 ms), where the per-tensor loop cost 5-10 % of a step.
+    fused = {"fused": True} if _fusable([p for g in groups for p in g["params"]]) else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
-                               weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay, **fused)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
+
+
+def _fusable(params: list[Tensor]) -> bool:
+    """Whether torch's fused optimiser kernels take these parameters (float, all on one CPU or CUDA device)."""
+    return bool(params) and len({p.device for p in params}) == 1 and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        for p in params)
 
 
 def lr_multiplier(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -188,14 +200,18 @@ def fit(
     Args:
         model: an EmbeddingModel (already on ``settings.device``).
         objective: the training objective (moved to the device here).
-        dataset: training images, yielding ``(image, label, index)``.
+        dataset: training images, yielding ``(image, label, index)``: uint8 images (augmented and
+            normalised here, a batch at a time on the device, see
+            :class:`~fat_distill.data.batch_transforms.BatchAugmentation`) or float images already
+            transformed per sample. A cached :class:`~fat_distill.data.ManifestImageDataset` is read
+            by whole-batch gathers; otherwise DataLoader workers decode (``config.num_workers``).
         batch_sampler: P×K batches over ``dataset``.
         config: the stage's TrainConfig (its hash guards against resuming another config).
         settings: device, AMP and memory-format choices.
         checkpoint_dir: where checkpoints go.
         stage: name used in logs and error messages.
-        feature_dataset: the training set with eval transforms, for objectives that
-            refresh centres from a full feature pass each epoch.
+        feature_dataset: the training images for objectives that refresh centres from a
+            full feature pass each epoch (normalised, not augmented; usually ``dataset`` itself).
         on_epoch_end: called with ``(epoch, stats)`` after each epoch's checkpoint.
         progress: show a Rich progress bar.
         tensorboard_dir: also log each epoch's statistics as TensorBoard scalars under
@@ -248,8 +264,8 @@ def fit(
         guard.reference = state.get("loss_reference", history[0]["loss"] if history else None)
         log.info("%s: resuming after epoch %d from %s", stage, start_epoch, last_ckpt)
 
-    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers,
-                        pin_memory=settings.pin_memory, persistent_workers=False)
+    loader = ImageBatches(dataset, batch_sampler, num_workers=config.num_workers, pin_memory=settings.pin_memory,
+                          seed=config.seed)
     recorder = EpochRecorder(checkpoint_dir, stage, tensorboard_dir)
     recorder.resume(history)
     bar = _progress(console) if progress else None
@@ -273,6 +289,7 @@ def fit(
             recorder.epoch_done(history)
             finish_epoch(checkpoint_dir, epoch, config, stage, stats, on_epoch_end)
     finally:
+        loader.close()
         if bar is not None:
             bar.stop()
         recorder.close()
@@ -353,9 +370,14 @@ def final_state(cfg_hash: str, stage: str, model: nn.Module, objective: nn.Modul
 
 
 def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config, settings, stage, epoch,
-                 last_ckpt, bar, guard: LossGuard | None = None) -> dict[str, float]:
-    """One epoch of steps; ``guard`` (None: NaN/inf only) stops a diverging loss before its step."""
+                 last_ckpt, bar, guard: LossGuard | None = None, *, rank: int = 0,
+                 world_size: int = 1) -> dict[str, float]:
+    """One epoch of steps; ``guard`` (None: NaN/inf only) stops a diverging loss before its step.
+
+    uint8 batches are augmented on the device, seeded by (seed, epoch, global batch number): a data-parallel
+    rank's i-th batch is batch ``i * world_size + rank`` of the single-process order."""
     model.train()
+    augment = BatchAugmentation.from_config(config)
     selection = _feature_selection(model, optimizer, config, stage)
     sums: dict[str, float] = defaultdict(float)
     seen, started = 0, time.perf_counter()
@@ -365,6 +387,9 @@ def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config,
     for batch_index, (images, labels, indices) in enumerate(loader):
         # A cancelled run stops here; the last epoch checkpoint stays the place a resume continues from.
         check_cancelled(f"stage {stage!r}, epoch {epoch + 1}, batch {batch_index + 1}")
+        images = images.to(settings.device, non_blocking=settings.non_blocking)
+        if images.dtype == torch.uint8:
+            images = augment(images, epoch=epoch, batch=batch_index * world_size + rank)
         images = settings.to_device(images)
         labels = labels.to(settings.device, non_blocking=settings.non_blocking)
         indices = indices.to(settings.device, non_blocking=settings.non_blocking)
@@ -425,16 +450,19 @@ def _feature_selection(model: nn.Module, optimizer: torch.optim.Optimizer, confi
 
 
 @torch.no_grad()
-def _refresh_centres(model, objective, feature_dataset, config, settings, stage) -> None:
+def _refresh_centres(model, objective, feature_dataset, config, settings, stage, indices=None) -> None:
+    """Give the objective the features of ``feature_dataset`` (or of its ``indices``), without augmentation."""
     if feature_dataset is None:
-        raise ValueError(f"stage {stage!r}: epoch-refreshed centres need feature_dataset (the train set, eval transforms)")
+        raise ValueError(f"stage {stage!r}: epoch-refreshed centres need feature_dataset (the training images)")
     model.eval()
-    loader = DataLoader(feature_dataset, batch_size=max(64, config.batch_size), shuffle=False,
-                        num_workers=config.num_workers, pin_memory=settings.pin_memory)
+    batches = sequential_batches(len(feature_dataset) if indices is None else indices, max(64, config.batch_size))
+    loader = ImageBatches(feature_dataset, batches, num_workers=config.num_workers, pin_memory=settings.pin_memory,
+                          persistent_workers=False, seed=config.seed)
     feats: dict[str, list[torch.Tensor]] = defaultdict(list)
     labels_all, indices_all = [], []
     for images, labels, indices in loader:
         check_cancelled(f"stage {stage!r}, centre refresh")
+        images = to_model_input(images.to(settings.device, non_blocking=settings.non_blocking))
         with settings.autocast():
             out = model(settings.to_device(images))
         for name, o in (out.branches or {"": out}).items():
