@@ -201,12 +201,13 @@ def _show_sweep(report: dict[str, Any]) -> None:
 
 
 def _trigger_deployment(config, deployment: str, *, watch: bool = False, grid: dict[str, list[Any]] | None = None,
-                        ) -> None:
+                        resume_run: str | None = None) -> None:
     """Start a flow run of a deployment on the Prefect server named by PREFECT_API_URL.
 
     Without ``watch`` it returns once the run is scheduled; with it, it prints each state change of the
     flow run, its subflows and stages until the run ends, and exits 1 unless it completed. ``grid``: the
-    run is a sweep (the ``fat-distill-sweep`` flow's deployments).
+    run is a sweep (the ``fat-distill-sweep`` flow's deployments). ``resume_run``: continue that run
+    (a pipeline deployment) instead of starting a new one.
     """
     import os
 
@@ -222,8 +223,8 @@ def _trigger_deployment(config, deployment: str, *, watch: bool = False, grid: d
 
     if grid is None:
         name = watching.deployment_name(deployment, watching.PIPELINE_FLOW)
-        run_id = new_run_id(config.run.name)
-        parameters = {"config": config.model_dump(mode="json"), "run_id": run_id}
+        run_id = resume_run or new_run_id(config.run.name)
+        parameters = {"config": config.model_dump(mode="json"), "run_id": run_id, "resume": bool(resume_run)}
     else:
         name = watching.deployment_name(deployment, watching.SWEEP_FLOW)
         run_id = new_run_id(f"{config.run.name}-sweep")
@@ -366,24 +367,32 @@ def register(app: typer.Typer) -> None:
         overrides: Annotated[Optional[list[str]], typer.Option(
             "--set", "-s", help="Change a value of the run's saved config, e.g. --set teacher.train.lr=3e-4 "
                                 "(repeatable): that section's stages and every stage after them run again.")] = None,
+        deployment: Annotated[Optional[str], typer.Option(
+            help="Continue it on a worker: trigger this deployment of the pipeline flow (e.g. 'pipeline') on the "
+                 "Prefect server of PREFECT_API_URL; the worker must see the same runs folder.")] = None,
+        watch: Annotated[bool, typer.Option(
+            help="With --deployment: follow the run until it ends; exit 1 unless it completes.")] = False,
     ) -> None:
         """Continue a run with its saved config: finished stages from cache, the interrupted one from its
         last epoch checkpoint.
 
         With --set, the changed config sections' stages (their checkpoints and manifests) are discarded and
         run again with the new values, and so is every stage after them; earlier stages are reused.
-        A run whose process is still alive is refused.
+        A run whose process is still alive is refused. A run killed with its machine or worker (its
+        flow run still Running on the server) is marked Crashed there first when its process is gone;
+        a run of another machine is resumed once the server says its flow run ended.
         """
         from fat_distill.pipeline.overrides import ConfigError
         from fat_distill.pipeline.rerun import discard_stale_stages
-        from fat_distill.pipeline.runs import RunPaths, find_run, load_run_json, run_process_alive
+        from fat_distill.pipeline.runs import RunPaths, find_run, load_run_json
+        from flows.run_liveness import check_resumable
 
+        if watch and not deployment:
+            _fail(ValueError("--watch follows a run resumed with --deployment; a local resume shows its stages anyway"))
         try:
             run_dir = find_run(runs_root, run_id)
-            data = load_run_json(run_dir) or {}
-            if data.get("status") == "running" and run_process_alive(data):
-                raise ValueError(f"run {run_dir.name} is still running (PID {data.get('pid')}); stop it first "
-                                 f"(Ctrl-C in its terminal, or kill {data.get('pid')}) or wait for it to end")
+            for note in check_resumable(load_run_json(run_dir) or {}, run_dir.name):
+                console.print(note, highlight=False, soft_wrap=True)
             saved = _load(run_dir / "config.yaml", [])
             cfg = _load(run_dir / "config.yaml", overrides) if overrides else saved
             sections, discarded = discard_stale_stages(RunPaths.for_run(saved, run_dir.name), saved, cfg)
@@ -392,6 +401,9 @@ def register(app: typer.Typer) -> None:
         if sections:
             console.print(f"changed: {', '.join(sections)}; discarded {len(discarded)} stale stage folder(s) and "
                           "manifest(s): those stages and every stage after them run again", highlight=False)
+        if deployment:
+            _trigger_deployment(cfg, deployment, watch=watch, resume_run=run_dir.name)
+            return
         _execute(cfg, run_id=run_dir.name, resume=True)
 
     @app.command("sweep")

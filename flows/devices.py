@@ -1,9 +1,13 @@
 """GPU scheduling: one Prefect global concurrency limit per device, each stage holds a slot while it runs.
 
-Limits are named ``fat-distill-device-<i>`` (i = position in ``run.devices``) with
-``max_tasks_per_device`` slots, created or updated at flow start and acquired with
+Limits are named after the machine and the device, ``fat-distill-<host>-<device>``
+(``fat-distill-gpu-box-1-cuda-0``, ``fat-distill-laptop-cpu-0``: :func:`device_limit_names`),
+with ``max_tasks_per_device`` slots, created or updated at flow start and acquired with
 ``strict=True``, so a stage never runs on a device that already holds the maximum
-number of stages, across every flow that talks to the same Prefect server.
+number of stages, across every flow that talks to the same Prefect server: flow runs
+on one machine share its devices' limits, workers on other machines have their own.
+The host is ``FAT_DISTILL_HOST`` when set (containers on one machine set the same
+name so they share its GPUs), else the machine's host name.
 Without CUDA, ``auto`` is the CPU; ``devices: [cpu, cpu]`` gives two virtual devices
 (useful to test scheduling, and to run two CPU stages at once).
 """
@@ -13,8 +17,11 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import re
+import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,7 +38,9 @@ log = logging.getLogger("fat_distill.devices")
 
 T = TypeVar("T")
 
-LIMIT_PREFIX = "fat-distill-device"
+LIMIT_PREFIX = "fat-distill"
+#: Names the machine in device limit names (default: its host name).
+HOST_ENV = "FAT_DISTILL_HOST"
 POLL_SECONDS = 0.5
 #: How often a stage waiting for a device looks for slots that killed runs left held.
 DEAD_SLOT_CHECK_SECONDS = 5.0
@@ -60,6 +69,40 @@ def expand_devices(devices: list[str]) -> list[str]:
     return out
 
 
+def host_name() -> str:
+    """The machine as device limits name it: ``$FAT_DISTILL_HOST``, else its host name."""
+    name = os.environ.get(HOST_ENV) or socket.gethostname() or "localhost"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "localhost"
+
+
+def device_limit_names(devices: list[str], host: str, prefix: str = LIMIT_PREFIX) -> list[str]:
+    """One Prefect limit name per entry of ``devices`` (expanded), unique within the list.
+
+    ``cuda:1`` → ``<prefix>-<host>-cuda-1``; a name without an index is numbered by its
+    repeats (``[cpu, cpu]`` → ``…-cpu-0``, ``…-cpu-1``: two virtual devices); an exact
+    repeat of an indexed device gets ``-v1``, ``-v2`` ….
+
+    >>> device_limit_names(["cuda:0", "cuda:1"], "gpu-box-1")
+    ['fat-distill-gpu-box-1-cuda-0', 'fat-distill-gpu-box-1-cuda-1']
+    >>> device_limit_names(["cpu", "cpu"], "laptop")
+    ['fat-distill-laptop-cpu-0', 'fat-distill-laptop-cpu-1']
+    """
+    names: list[str] = []
+    bare: Counter[str] = Counter()
+    for device in devices:
+        kind, _, index = device.partition(":")
+        if not index:
+            index = str(bare[kind])
+            bare[kind] += 1
+        name = base = f"{prefix}-{host}-{kind}-{index}"
+        repeat = 0
+        while name in names:
+            repeat += 1
+            name = f"{base}-v{repeat}"
+        names.append(name)
+    return names
+
+
 class DevicePool:
     """The devices a flow schedules stages on, backed by Prefect global concurrency limits."""
 
@@ -67,6 +110,8 @@ class DevicePool:
         self.devices = expand_devices(devices)
         self.max_tasks = max_tasks_per_device
         self.prefix = prefix
+        self.host = host_name()
+        self._limit_names = device_limit_names(self.devices, self.host, prefix)
         # Embedded server: this process's record of its slots (set by create_limits); None on a shared server.
         self._registry: SlotRegistry | None = None
         self._dead_checked = float("-inf")  # when a waiting stage last looked for slots of killed runs
@@ -90,7 +135,8 @@ class DevicePool:
                                 for i in range(len(self.devices))]
 
     def limit_name(self, index: int) -> str:
-        return f"{self.prefix}-{index}"
+        """The Prefect limit of device ``index`` (its position in ``devices``): see :func:`device_limit_names`."""
+        return self._limit_names[index]
 
     @property
     def slots(self) -> int:

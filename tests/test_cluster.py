@@ -23,13 +23,15 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fat_distill.manifests import read_manifest_meta
 from fat_distill.pipeline import load_run_json
+from fat_distill.processes import is_alive
 from tests.pipeline_configs import tiny_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -151,6 +153,16 @@ class Cluster:
     env: dict[str, str]          # what a user's shell has: PREFECT_API_URL, this checkout on PYTHONPATH
     processes: Processes
     work: Path
+    # Manifest folder of the first test's uninterrupted pipeline run: what a killed and resumed run must match.
+    reference: dict[str, Path] = field(default_factory=dict)
+
+    def api(self, path: str, body: dict | None = None) -> dict | list:
+        """A call to the server's REST API (GET, or POST with a JSON body): what the Prefect UI shows."""
+        request = urllib.request.Request(f"{self.api_url}/{path}", method="GET" if body is None else "POST",
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
 
     def cli(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "fat-distill"), *args], env=self.env, cwd=ROOT, capture_output=True,
@@ -281,6 +293,7 @@ def test_pipeline_and_sweep_run_on_two_workers_share_the_device_and_the_cache(cl
         assert client.returncode == 0, "\n".join([*workers, "--- client output:", output])
     run_id, _ = _submitted(pipeline_out)
     sweep_id, _ = _submitted(sweep_out)
+    cluster.reference["pipeline"] = root / "manifests" / run_id
     # --watch followed the runs on the workers, stage by stage, to the end.
     for line in ("stage data: Completed", "stage teacher.round0: Completed", "stage evaluate.distilled: Completed",
                  f"flow run {run_id}: Running", f"flow run {run_id}: Completed"):
@@ -335,3 +348,103 @@ def test_an_unknown_deployment_is_named_with_what_to_do(cluster, tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "prefect deployment ls" in done.stderr
 
+
+
+def _create_crash_automation(cluster: Cluster, within_seconds: int) -> None:
+    """The automation of prefect-automations.yaml, as `prefect automation create --from-file` makes it, with a
+    shorter silence (two missed heartbeats instead of three) to keep the test short."""
+    automations = yaml.safe_load((ROOT / "prefect-automations.yaml").read_text())
+    assert [a["trigger"]["within"] for a in automations] == [90]
+    for automation in automations:
+        automation["trigger"]["within"] = within_seconds
+        for action in automation["actions"]:
+            action["message"] = action["message"].replace("90 s", f"{within_seconds} s")
+    created = subprocess.run([str(BIN / "prefect"), "automation", "create", "--from-json", json.dumps(automations)],
+                             env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+
+
+def _run_json_in(runs: Path) -> dict | None:
+    for path in runs.glob("*/run.json"):
+        if not path.parent.is_symlink():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:  # never: written atomically; read again next time
+                return None
+    return None
+
+
+def test_a_worker_killed_mid_stage_crashes_its_flow_run_and_resume_finishes_it(cluster, tmp_path):
+    """A machine dying mid-stage: its worker and the flow run's process group SIGKILLed. The server marks the flow
+    run Crashed when its heartbeats stop; `fat-distill resume RUN_ID --deployment pipeline` continues it on the
+    other worker, to the same manifests as the uninterrupted run of the same config."""
+    # Its own runs folder, so its own stage cache: every stage runs (none is taken from the first test's run).
+    root = tmp_path / "project-data"
+    config = _write_config(tmp_path / "tiny.yaml", root)
+    reference = cluster.reference.get("pipeline")
+    if reference is None:  # run on its own (-k): an uninterrupted run of the same config first
+        alone = tmp_path / "uninterrupted"
+        done = cluster.cli("run", str(_write_config(tmp_path / "alone.yaml", alone)), "--deployment", "pipeline",
+                           "--watch", timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        reference = alone / "manifests" / _submitted(done.stdout)[0]
+    _create_crash_automation(cluster, within_seconds=60)
+    runs = root / "runs"
+    client = subprocess.Popen([str(BIN / "fat-distill"), "run", str(config), "--deployment", "pipeline", "--watch"],
+                              env=cluster.env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    run: dict | None = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until the teacher holds the device
+            run = _run_json_in(runs)
+            if run and "slot_acquired" in run["stages"].get("teacher.round0", {}):
+                break
+            assert client.poll() is None, client.communicate()[0]
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"teacher.round0 never started: {run}")
+        run_id, flow_run_id = run["run_id"], run["flow_run_id"]
+        worker = next(w for w in ("w1", "w2") if run_id in cluster.flow_runs_of(w))
+        other = "w2" if worker == "w1" else "w1"
+        # What a machine dying looks like: the worker and the flow run's process (its own process group) at once.
+        worker_proc = next(proc for name, proc in cluster.processes.started if name == worker)
+        os.killpg(worker_proc.pid, signal.SIGKILL)
+        os.killpg(run["pid"], signal.SIGKILL)
+        worker_proc.wait(timeout=30)
+        _progress(f"{worker} and the flow run of {run_id} killed in teacher.round0")
+
+        # The server marks the silent flow run Crashed; --watch reports it and exits 1.
+        watched = client.communicate(timeout=240)[0]
+        _progress("flow run crashed")
+    finally:
+        if client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+    assert client.returncode == 1, watched
+    assert f"flow run {run_id}: Crashed" in watched and f"run {run_id} crashed" in watched, watched
+    state = cluster.api(f"flow_runs/{flow_run_id}")["state"]
+    assert state["type"] == "CRASHED" and "heartbeat" in state["message"], state
+    killed = load_run_json(runs / run_id)
+    assert killed["status"] == "running" and killed["stages"]["teacher.round0"]["state"] == "running"
+
+    # As a user continues it: from the client, on the cluster (the other worker takes it).
+    try:
+        resumed = cluster.cli("resume", run_id, "--runs-root", str(runs), "--deployment", "pipeline", "--watch",
+                              timeout=500)
+        _progress("resumed run done")
+    finally:
+        after = load_run_json(runs / run_id) or {}
+        if is_alive(after.get("pid"), after.get("pid_started")) and after.get("status") == "running":
+            os.killpg(after["pid"], signal.SIGKILL)  # its own process group, outside the worker's
+    assert resumed.returncode == 0, "\n".join([resumed.stdout, resumed.stderr, _tail(cluster.processes.log(other))])
+    assert f"flow run {run_id}: Completed" in resumed.stdout, resumed.stdout
+    assert run_id in cluster.flow_runs_of(other)
+    assert after["status"] == "completed" and after["attempts"] == 2, after
+    assert after["stages"]["teacher.round0"]["state"] == "ran"
+    assert {e["state"] for e in after["stages"].values()} <= {"ran", "cached"}
+    names = sorted(p.name for p in reference.glob("*.parquet"))
+    assert names and names == sorted(p.name for p in (root / "manifests" / run_id).glob("*.parquet"))
+    for name in names:
+        assert (read_manifest_meta(root / "manifests" / run_id / name).content_hash
+                == read_manifest_meta(reference / name).content_hash), name

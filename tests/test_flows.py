@@ -207,6 +207,22 @@ def test_unknown_config_key_is_named(tmp_path):
         validate_config(PipelineConfig, bad)
 
 
+def test_device_limits_are_named_by_machine_and_device(monkeypatch):
+    import socket
+
+    from flows.devices import DevicePool, device_limit_names
+
+    # Workers on two machines with the same run.devices get different limits; one machine's flow runs share them.
+    assert device_limit_names(["cuda:0", "cuda:1"], "box-a") != device_limit_names(["cuda:0", "cuda:1"], "box-b")
+    assert device_limit_names(["cuda:1", "cuda:0"], "box-a") == ["fat-distill-box-a-cuda-1", "fat-distill-box-a-cuda-0"]
+    assert device_limit_names(["cpu", "cpu", "cuda:0", "cuda:0"], "h") == [
+        "fat-distill-h-cpu-0", "fat-distill-h-cpu-1", "fat-distill-h-cuda-0", "fat-distill-h-cuda-0-v1"]
+    monkeypatch.delenv("FAT_DISTILL_HOST", raising=False)
+    assert DevicePool(["cpu"]).limit_name(0) == f"fat-distill-{socket.gethostname()}-cpu-0"
+    monkeypatch.setenv("FAT_DISTILL_HOST", "gpu box/1")  # containers of one machine name it alike
+    assert DevicePool(["cpu", "cpu"]).limit_name(1) == "fat-distill-gpu-box-1-cpu-1"
+
+
 def test_data_parallel_stage_holds_all_its_devices_at_once():
     import threading
     import time

@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -143,8 +144,8 @@ class RunState:
         fresh = not (resumed and existing)
         data = ({"run_id": paths.run_id, "created": now, "created_unix": time.time(), "stages": {}} if fresh
                 else existing)
-        data.update({"status": "running", **process_identity().as_dict(), "updated": now,
-                     "manifest_dir": str(paths.manifest_dir), "run_dir": str(paths.run_dir)})
+        data.update({"status": "running", **process_identity().as_dict(), "host": socket.gethostname(),
+                     "updated": now, "manifest_dir": str(paths.manifest_dir), "run_dir": str(paths.run_dir)})
         data.setdefault("attempts", 0)
         data["attempts"] += 1
         state = cls(paths, data)
@@ -195,7 +196,12 @@ def effective_status(data: dict[str, Any]) -> str:
 
 
 def run_process_alive(data: dict[str, Any]) -> bool:
-    """Whether the process recorded in a run.json (PID and start time) is still running."""
+    """Whether the process recorded in a run.json (PID and start time) is still running.
+
+    A run of another machine (``host``, e.g. a worker's) is taken as alive: its PID says nothing here.
+    """
+    if data.get("host") not in (None, socket.gethostname()):
+        return True
     return is_alive(data.get("pid"), data.get("pid_started"))
 
 
