@@ -45,7 +45,7 @@ def test_resnets_keep_backbone_width_by_default(name: str, default_dim: int) -> 
 
 
 def test_registry_lists_models_and_rejects_unknown_names() -> None:
-    assert available_models() == sorted(MODELS) == ["jlml", "resnet18", "resnet50", "small_cnn"]
+    assert available_models() == sorted(MODELS) == ["jlml", "resnet18", "resnet50", "small_cnn", "tiny_cnn"]
     with pytest.raises(KeyError, match="available models: jlml, resnet18"):
         build_model("resnet1000", num_classes=3)
 

@@ -69,7 +69,7 @@ def build_train_data(
         allow_outside_root: permit paths that leave ``root`` (see :mod:`fat_distill.data.paths`).
     """
     frame = frame.reset_index(drop=True)
-    train_tf = build_transforms(tuple(config.image_size), train=True, flip_p=config.flip_p, pad=config.pad,
+    train_tf = build_transforms(tuple(config.image_size), train=True, flip_p=config.flip_p, pad=config.resolved().pad,
                                 random_erasing_p=config.random_erasing_p)
     eval_tf = build_transforms(tuple(config.image_size), train=False)
     dataset = ManifestImageDataset(frame, root, transform=train_tf, label_column=label_column, label_map=label_map,
