@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from fat_distill.distill.noise_report import has_ground_truth
-from fat_distill.manifests import read_manifest, write_manifest
+from fat_distill.manifests import read_manifest, read_manifest_meta, write_manifest
 from fat_distill.pipeline import stages
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.keys import key_components, stage_key
@@ -119,8 +119,9 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
         paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
         previous = round_out["teacher_round"]
         rounds.append(previous)
-        if round_out.get("warning"):
-            warnings.append(round_out["warning"])
+        warning = read_manifest_meta(previous).extra.get("warning")  # not an output: outputs name files
+        if warning:
+            warnings.append(warning)
         change = round_out.get("change")
         if change is not None and change <= teacher_cfg.tolerance:
             log.info("teacher: confident set changed by %.2f%% <= tolerance after round %d; stopping",

@@ -191,7 +191,7 @@ def teacher_round_stage(dataset: str | Path, previous_round: str | None, config:
     meta = read_manifest_meta(path)
     return {"teacher_round": str(path), "change": meta.extra.get("change"),
             "confident_fraction": meta.extra.get("confident_fraction"),
-            "train_accuracy": meta.extra.get("train_accuracy"), "warning": meta.extra.get("warning"),
+            "train_accuracy": meta.extra.get("train_accuracy"),
             "checkpoints": [str(p) for p in teacher_checkpoints(work_dir, round, config)], **summarise_fits(fits)}
 
 
