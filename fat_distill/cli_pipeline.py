@@ -168,6 +168,8 @@ def _show_metrics(summary: dict[str, Any]) -> None:
 
         console.print(f"label audit (teacher's view, no ground truth used): {describe_label_audit(audit)}",
                       highlight=False)
+    for warning in summary.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 def _show_sweep(report: dict[str, Any]) -> None:
@@ -590,10 +592,12 @@ def register(app: typer.Typer) -> None:
         console.print(t)
         if report["teacher_rounds"]:
             t = Table(title="teacher rounds")
-            for col in ("round", "kept", "dropped", "changed", "noisy dropped", "clean kept"):
+            for col in ("round", "train acc", "kept", "dropped", "changed", "noisy dropped", "clean kept"):
                 t.add_column(col, justify="right")
             for r in report["teacher_rounds"]:
-                t.add_row(str(r["round"]), f"{r['kept']:,}", f"{r['dropped']:,}",
+                accuracy = "" if r.get("train_accuracy") is None else f"{100 * r['train_accuracy']:.1f}%"
+                t.add_row(str(r["round"]), f"[yellow]{accuracy}[/]" if r.get("warning") else accuracy,
+                          f"{r['kept']:,}", f"{r['dropped']:,}",
                           "" if r.get("change") is None else f"{100 * r['change']:.1f}%",
                           "" if r.get("noisy_dropped") is None else f"{r['noisy_dropped']:,} of {r['noisy']:,}",
                           "" if r.get("clean_kept") is None else f"{r['clean_kept']:,} of {r['clean']:,}")
@@ -612,12 +616,16 @@ def register(app: typer.Typer) -> None:
         overrides: SetOption = None,
         demo: Annotated[bool, typer.Option(help="Start from the demo config.")] = False,
     ) -> None:
-        """Print the resolved config as YAML (defaults filled in, overrides applied, validated)."""
-        from fat_distill.pipeline import dump_yaml
+        """Print the resolved config as YAML (defaults filled in, overrides applied, validated).
+
+        Training settings left unset (lr, epochs, warmup_epochs: null) follow the regime: from scratch
+        (weights: null) or pretrained (weights: PATH); a comment on each gives the value used and its regime.
+        """
         from fat_distill.pipeline.overrides import ConfigError
+        from fat_distill.pipeline.show import show_yaml
 
         try:
             cfg = _load(config, overrides, demo=demo)
         except ConfigError as exc:
             _fail(exc)
-        sys.stdout.write(dump_yaml(cfg))
+        sys.stdout.write(show_yaml(cfg))

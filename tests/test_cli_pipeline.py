@@ -166,7 +166,7 @@ def test_demo_runs_with_overrides(tmp_path):
     assert run_dir.name.startswith("demo-") and "done in" in result.output and run_dir.name in result.output
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["synth"]["identities"] == 12 and saved["teacher"]["train"]["epochs"] == 1
-    assert saved["noise"]["kind"] == "mix" and saved["student"]["train"]["model"] == "small_cnn"  # the demo's
+    assert saved["noise"]["kind"] == "mix" and saved["student"]["train"]["model"] == "tiny_cnn"  # the demo's
     data = load_run_json(run_dir)
     assert data["status"] == "completed" and set(data["metrics"]["retrieval"]) == {"distilled"}
     assert data["stages"]["noise"]["state"] == "ran" and data["flow_run_id"]  # through Prefect

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from fat_distill.cli import app
 from fat_distill.config_sections import Section, merge_onto
 from fat_distill.pipeline import PipelineConfig, load_config
+from fat_distill.train import TrainConfig
 
 
 def _defaulted_sections(model: type[BaseModel], prefix: str = ""):
@@ -71,13 +72,41 @@ def test_set_override_of_one_field_keeps_the_sections_defaults(dotted, default):
     assert _get(config, dotted).model_dump() == default.model_dump() | {field: value}
 
 
-def test_teacher_keeps_its_five_epochs_per_round_when_one_training_field_is_set(tmp_path):
-    (tmp_path / "c.yaml").write_text("teacher: {train: {seed: 0, lr: 0.003}}\n")
+def test_teacher_keeps_its_regime_epochs_per_round_when_one_training_field_is_set(tmp_path):
+    (tmp_path / "c.yaml").write_text("teacher: {train: {seed: 0, lr: 0.001}}\n")
     config = load_config(PipelineConfig, tmp_path / "c.yaml")
-    assert config.teacher.train.epochs == 5
-    assert config.teacher.train.lr == 0.003
+    assert config.teacher.train.epochs is None and config.teacher.train.resolved("teacher").epochs == 20
+    assert config.teacher.train.resolved("teacher").lr == 0.001
     # the student's section has the class defaults, untouched by the teacher's
     assert config.student.train.epochs == PipelineConfig().student.train.epochs
+
+
+def test_unset_lr_epochs_warmup_follow_the_regime_and_an_explicit_value_wins(tmp_path):
+    scratch = load_config(PipelineConfig, None)
+    pretrained = load_config(PipelineConfig, None, ["teacher.train.weights=w.pt", "student.train.weights=w.pt"])
+    assert (scratch.teacher.train.regime, pretrained.teacher.train.regime) == ("scratch", "pretrained")
+    assert [(t.lr, t.epochs) for t in (scratch.teacher.train.resolved("teacher"),
+                                       scratch.student.train.resolved("student"))] == [(3e-3, 20), (3e-3, 35)]
+    assert [(t.lr, t.epochs) for t in (pretrained.teacher.train.resolved("teacher"),
+                                       pretrained.student.train.resolved("student"))] == [(3.5e-4, 5), (3.5e-4, 10)]
+    explicit = load_config(PipelineConfig, None, ["student.train.weights=w.pt", "student.train.lr=0.01"])
+    assert explicit.student.train.resolved().lr == 0.01
+    # the stage hashes name the resolved values: a regime change retrains, an equal explicit value does not
+    assert scratch.student.training_hash() != pretrained.student.training_hash()
+    same = load_config(PipelineConfig, None, ["student.train.lr=0.003", "student.train.epochs=35"])
+    assert same.student.training_hash() == scratch.student.training_hash()
+    # the crop padding scales with the image: 10 px at 128 px, 2 px at 32 px
+    assert [TrainConfig(image_size=s).resolved().pad for s in ((128, 64), (32, 32), (56, 46))] == [10, 2, 4]
+
+
+def test_config_show_prints_each_unset_value_and_its_regime():
+    runner = CliRunner()
+    scratch = runner.invoke(app, ["config", "show"]).stdout
+    assert "lr: null  # 0.003: scratch regime (weights: null) default" in scratch
+    assert "epochs: null  # 20 a round: scratch regime (weights: null) default" in scratch
+    pretrained = runner.invoke(app, ["config", "show", "--set", "student.train.weights=w.pt"]).stdout
+    assert "lr: null  # 0.00035: pretrained regime (weights set) default" in pretrained
+    assert yaml.safe_load(pretrained)["student"]["train"]["lr"] is None  # still a config that follows the regime
 
 
 def test_config_show_prints_the_teachers_defaults_under_a_partial_section(tmp_path):
@@ -86,7 +115,8 @@ def test_config_show_prints_the_teachers_defaults_under_a_partial_section(tmp_pa
     shown = [yaml.safe_load(runner.invoke(app, args).stdout)
              for args in (["config", "show"], ["config", "show", str(tmp_path / "c.yaml")],
                           ["config", "show", "--set", "teacher.train.seed=0"])]
-    assert [s["teacher"]["train"]["epochs"] for s in shown] == [5, 5, 5]
+    assert [s["teacher"]["train"]["epochs"] for s in shown] == [None, None, None]  # a round's, by regime
+    assert [s["teacher"]["train"]["seed"] for s in shown] == [0, 0, 0]
 
 
 def test_an_explicit_value_still_wins_over_the_sections_default(tmp_path):

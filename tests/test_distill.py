@@ -236,7 +236,8 @@ def test_soft_labels_manifest_is_valid_and_consistent(data, teacher, soft_labels
     assert meta.extra["temperature"] == 2.0 and meta.stage == "teacher.soft_labels"
 
 
-@pytest.mark.parametrize("method", STUDENT_METHODS)
+# filtered and cleanlab need a row-filter manifest from a teacher or cleanlab stage: tests/test_peer_baselines.py
+@pytest.mark.parametrize("method", [m for m in STUDENT_METHODS if m not in ("filtered", "cleanlab")])
 def test_each_student_method_trains_and_evaluates(data, soft_labels, tmp_path, method):
     config = StudentConfig(train=tiny_train(epochs=2), method=method)
     result = train_student(data["manifest"], config, tmp_path / "ckpt", "cpu",

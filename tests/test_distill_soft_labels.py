@@ -132,7 +132,8 @@ def test_configs_load_from_yaml_and_refuse_unknown_keys():
     teacher = TeacherConfig.model_validate(yaml.safe_load(
         "rounds: 4\nrule: quantile\nscoring: oof\ntrain: {epochs: 2, model: small_cnn}\n"))
     assert (teacher.rounds, teacher.rule, teacher.train.epochs, teacher.scoring) == (4, "quantile", 2, "oof")
-    assert TeacherConfig().train.epochs == 5  # E of the paper
+    assert TeacherConfig().train.resolved("teacher").epochs == 20  # E from scratch
+    assert TeacherConfig(train={"weights": "w.pt"}).train.resolved("teacher").epochs == 5  # the paper's, pretrained
     # settings that do not change a round's result do not change its hash
     assert TeacherConfig(rounds=2).round_hash() == TeacherConfig(rounds=5, tolerance=0.2).round_hash()
     assert TeacherConfig().round_hash() != TeacherConfig(threshold=0.6).round_hash()

@@ -87,7 +87,7 @@ def test_every_final_checkpoint_describes_its_model(trained):
     for method in ("distilled", "ce_triplet"):
         card = read_model_card(checkpoint_of(trained, method))  # torch.load(weights_only=True) underneath
         assert (card.kind, card.method, card.stage) == ("student", method, f"student.{method}")
-        assert (card.model, card.embedding_dim, card.last_stride) == ("small_cnn", 128, 1)
+        assert (card.model, card.embedding_dim, card.last_stride) == ("small_cnn", 256, 1)
         assert card.image_size == (32, 16) and card.mean == IMAGENET_MEAN and card.std == IMAGENET_STD
         assert list(card.class_pids) == train_pids and card.num_classes == len(train_pids)
         assert card.flip_test is True and card.distance == "cosine"

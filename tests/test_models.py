@@ -45,7 +45,7 @@ def test_resnets_keep_backbone_width_by_default(name: str, default_dim: int) -> 
 
 
 def test_registry_lists_models_and_rejects_unknown_names() -> None:
-    assert available_models() == sorted(MODELS) == ["jlml", "resnet18", "resnet50", "small_cnn"]
+    assert available_models() == sorted(MODELS) == ["jlml", "resnet18", "resnet50", "small_cnn", "tiny_cnn"]
     with pytest.raises(KeyError, match="available models: jlml, resnet18"):
         build_model("resnet1000", num_classes=3)
 
@@ -259,3 +259,18 @@ def test_small_cnn_learns_separable_identities() -> None:
     with torch.inference_mode():
         accuracy = (model(images).logits.argmax(dim=1) == labels).float().mean().item()
     assert accuracy == 1.0
+
+
+def test_small_cnn_is_the_vgg_style_network_and_tiny_cnn_its_half_width():
+    """Two 3×3 conv-BN-ReLU per stage, 32-64-128-256 channels, max-pool between stages, ~1.2 M parameters."""
+    model = build_model("small_cnn", num_classes=0, last_stride=2)
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128, 256, 256]
+    assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.backbone.modules()) == 3
+    assert 1.1e6 < sum(p.numel() for p in model.parameters()) < 1.3e6
+    assert model.backbone(torch.randn(1, 3, 32, 32)).shape == (1, 256, 4, 4)
+    # last_stride 1 skips the pool before the last stage: a finer final map, same weights
+    assert build_model("small_cnn", 0, last_stride=1).backbone(torch.randn(1, 3, 32, 32)).shape == (1, 256, 8, 8)
+    tiny = build_model("tiny_cnn", num_classes=0)
+    assert tiny.embedding_dim == 128 and 0.25e6 < sum(p.numel() for p in tiny.parameters()) < 0.35e6

@@ -131,7 +131,8 @@ class BatchAugmentation:
     @classmethod
     def from_config(cls, config) -> BatchAugmentation:
         """The augmentation a :class:`fat_distill.train.TrainConfig` describes (flip_p, pad, random_erasing_p, seed)."""
-        return cls(flip_p=config.flip_p, pad=config.pad, random_erasing_p=config.random_erasing_p, seed=config.seed)
+        return cls(flip_p=config.flip_p, pad=config.resolved().pad, random_erasing_p=config.random_erasing_p,
+                   seed=config.seed)
 
     def params(self, batch_size: int, height: int, width: int, *, epoch: int, batch: int) -> AugmentationParams:
         """The random choices for batch ``batch`` of epoch ``epoch``.

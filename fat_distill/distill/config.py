@@ -15,7 +15,10 @@ from fat_distill.config_hash import config_hash, hashed_fields
 from fat_distill.config_sections import Section
 from fat_distill.train import TrainConfig
 
-STUDENT_METHODS = ("distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy", "oracle")
+STUDENT_METHODS = ("distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy", "filtered",
+                   "cleanlab", "oracle")
+#: Methods that train on a subset of the train rows chosen by another stage (a row-filter manifest).
+ROW_FILTER_METHODS = ("filtered", "cleanlab")
 
 # Teacher fields that do not change what a given round computes: changing them
 # keeps the rounds already done (e.g. raising `rounds` from 2 to 3 reuses 0 and 1).
@@ -25,8 +28,9 @@ _EVALUATION_ONLY = {"flip_test", "distance"}
 
 
 def _teacher_train_default() -> TrainConfig:
-    # The paper trains the teacher 5 epochs per round.
-    return TrainConfig(epochs=5)
+    # epochs unset: a round's budget depends on the regime (the paper's 5 with pretrained weights, 20 from
+    # scratch; fat_distill.train.regimes).
+    return TrainConfig()
 
 
 class TeacherConfig(Section):
@@ -61,12 +65,19 @@ class TeacherConfig(Section):
     top_k: int = Field(5, ge=1, description="soft labels keep the k most probable identities")
 
     def round_hash(self) -> str:
-        """Hash of the fields that determine what every round computes (its manifests' config hash)."""
-        return config_hash(hashed_fields(self, exclude=_NOT_PER_ROUND))
+        """Hash of the fields that determine what every round computes (its manifests' config hash).
+
+        The training settings enter resolved (the regime's lr, epochs, warm-up written out), so the
+        hash names what actually trains.
+        """
+        return config_hash(self._resolved_dump(exclude=_NOT_PER_ROUND))
 
     def soft_labels_hash(self) -> str:
         """Hash of what the soft labels depend on: the rounds' settings plus T and k."""
-        return config_hash(hashed_fields(self, exclude={"tolerance"}))
+        return config_hash(self._resolved_dump(exclude={"tolerance"}))
+
+    def _resolved_dump(self, exclude: set[str]) -> dict:
+        return {**hashed_fields(self, exclude=exclude), "train": hashed_fields(self.train.resolved("teacher"))}
 
 
 class StudentConfig(Section):
@@ -82,13 +93,18 @@ class StudentConfig(Section):
             quadruplet loss instead of the triplet (``triplet_margin`` is their margin).
         fat_hybrid_noisy: hybrid normalised FAT + CE on the given (noisy) labels,
             every sample a centre contributor: FAT without distillation.
+        filtered: the ce_triplet objective on the final teacher round's confident rows only,
+            with their given labels (filter and retrain, no soft labels).
+        cleanlab: the ce_triplet objective on the rows that confident learning
+            (``cleanlab.filter.find_label_issues`` on K-fold out-of-fold probabilities,
+            the pipeline's ``cleanlab`` section) does not flag, with their given labels.
         oracle: ``oracle_objective`` on ``true_pid`` (needs the ground truth);
             ``multi`` duplicate rows are dropped (under true labels they repeat a clean row).
     """
 
     train: TrainConfig = Field(default_factory=TrainConfig)
-    method: Literal["distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy",
-                    "oracle"] = "distilled"
+    method: Literal["distilled", "ce", "ce_triplet", "ce_msml", "ce_quadruplet", "fat_hybrid_noisy", "filtered",
+                    "cleanlab", "oracle"] = "distilled"
     oracle_objective: Literal["fat_hybrid", "ce_triplet", "ce_msml", "ce_quadruplet"] = Field(
         "fat_hybrid", description="objective of the oracle; fat_hybrid isolates the effect of the labels "
                                   "from that of the loss when compared with 'distilled'")
@@ -132,8 +148,10 @@ class StudentConfig(Section):
         return self
 
     def training_hash(self) -> str:
-        """Hash of the fields that change the trained weights (not the evaluation-only ones)."""
-        return config_hash(hashed_fields(self, exclude=_EVALUATION_ONLY))
+        """Hash of the fields that change the trained weights (not the evaluation-only ones), the training
+        settings resolved (the regime's lr, epochs, warm-up written out)."""
+        return config_hash({**hashed_fields(self, exclude=_EVALUATION_ONLY),
+                            "train": hashed_fields(self.train.resolved("student"))})
 
     @property
     def objective(self) -> str:
@@ -141,4 +159,5 @@ class StudentConfig(Section):
         if self.method == "oracle":
             return self.oracle_objective
         return {"distilled": "fat_hybrid", "ce": "ce", "ce_triplet": "ce_triplet", "ce_msml": "ce_msml",
-                "ce_quadruplet": "ce_quadruplet", "fat_hybrid_noisy": "fat_hybrid"}[self.method]
+                "ce_quadruplet": "ce_quadruplet", "fat_hybrid_noisy": "fat_hybrid", "filtered": "ce_triplet",
+                "cleanlab": "ce_triplet"}[self.method]

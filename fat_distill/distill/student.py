@@ -25,6 +25,7 @@ from fat_distill.config_hash import config_hash
 from fat_distill.data.image_dataset import build_label_map
 from fat_distill.distill._common import (
     DatasetInput,
+    align_to_rows,
     claim_directory,
     load_dataset,
     load_model,
@@ -34,7 +35,7 @@ from fat_distill.distill._common import (
     stage_settings,
     train_rows,
 )
-from fat_distill.distill.config import StudentConfig
+from fat_distill.distill.config import ROW_FILTER_METHODS, StudentConfig
 from fat_distill.distill.soft_labels import soft_targets_for
 from fat_distill.manifests import parent_ref, read_manifest, write_manifest
 from fat_distill.train import DeviceSettings, build_objective, build_train_data, fit
@@ -90,6 +91,29 @@ def student_training_rows(frame: pd.DataFrame, config: StudentConfig) -> tuple[p
     return train, "true_pid"
 
 
+#: method → (schema of its row-filter manifest, boolean column, whether True means "train on it").
+_ROW_FILTERS = {"filtered": ("teacher_round", "confident", True), "cleanlab": ("label_issues", "flagged", False)}
+
+
+def filter_training_rows(train: pd.DataFrame, rows_manifest: PathLike, method: str) -> pd.DataFrame:
+    """The train rows a row-filter method keeps: ``filtered`` the confident rows of a ``teacher_round``
+    manifest, ``cleanlab`` the rows a ``label_issues`` manifest does not flag.
+
+    Raises:
+        ManifestError: the manifest lacks train rows of the dataset.
+        ValueError: it keeps no row.
+    """
+    schema, column, keep_if = _ROW_FILTERS[method]
+    path = Path(rows_manifest)
+    flags = align_to_rows(read_manifest(path, schema), train, column, path).astype(bool)
+    kept = train[flags == keep_if].reset_index(drop=True)
+    if kept.empty:
+        raise ValueError(f"student.{method}: {path} keeps none of the {len(train)} train rows, so there is "
+                         "nothing to train on")
+    log.info("student.%s: training on %d of %d train rows (%s)", method, len(kept), len(train), path.name)
+    return kept
+
+
 def student_label_map(frame: pd.DataFrame, config: StudentConfig) -> dict[Hashable, int]:
     """``{label: class index}`` of a method's classifier, rebuilt from the dataset manifest frame."""
     train, column = student_training_rows(frame, config)
@@ -142,6 +166,7 @@ def train_student(
     device: str | torch.device | None = "auto",
     *,
     soft_labels_manifest: PathLike | None = None,
+    rows_manifest: PathLike | None = None,
     progress: bool = False,
     tensorboard_dir: PathLike | None = None,
 ) -> StudentResult:
@@ -163,6 +188,10 @@ def train_student(
             (:func:`fat_distill.train.fit_distributed`, one spawned process per device).
         soft_labels_manifest: the teacher's ``soft_labels`` manifest; required for
             ``distilled``, refused for the other methods (they do not use it).
+        rows_manifest: the rows a row-filter method trains on, required for them and refused
+            otherwise: ``filtered`` takes the final ``teacher_round`` manifest (its confident rows),
+            ``cleanlab`` the ``label_issues`` manifest (its rows not flagged). The classifier keeps
+            every train identity, so its shape does not depend on the filter.
         progress: show training progress bars.
         tensorboard_dir: also log each epoch as TensorBoard scalars under ``tensorboard_dir/student.<method>``
             (every epoch also goes to ``out_dir/history.parquet``).
@@ -178,9 +207,17 @@ def train_student(
     if method != "distilled" and soft_labels_manifest is not None:
         raise ValueError(f"{stage}: method {method!r} trains on hard labels and would ignore soft_labels_manifest; "
                          "use method='distilled' or drop the argument")
+    if (method in ROW_FILTER_METHODS) != (rows_manifest is not None):
+        raise ValueError(f"{stage}: " + (f"method {method!r} trains on the rows another stage keeps; pass "
+                                         "rows_manifest (filtered: the final teacher_round manifest, cleanlab: "
+                                         "the label_issues manifest)" if rows_manifest is None else
+                                         f"method {method!r} trains on every train row and would ignore "
+                                         "rows_manifest; drop the argument"))
     dataset = load_dataset(dataset_manifest)
     train, label_column = student_training_rows(dataset.frame, config)
     label_map = build_label_map(train[label_column])
+    if rows_manifest is not None:
+        train = filter_training_rows(train, rows_manifest, method)
     card = describe_model(config.train, class_pids_of(label_map), kind="student", method=method, stage=stage,
                           label_column=label_column, flip_test=config.flip_test, distance=config.distance)
     soft_ids = soft_probs = confident = None
@@ -191,7 +228,8 @@ def train_student(
 
     out_dir = Path(out_dir)
     claim_directory(out_dir, {"stage": stage, "config": config.training_hash(), "dataset": dataset.content_hash,
-                              "soft_labels": manifest_hash(soft_labels_manifest)}, stage)
+                              "soft_labels": manifest_hash(soft_labels_manifest),
+                              **({"rows": manifest_hash(rows_manifest)} if rows_manifest is not None else {})}, stage)
     setup = functools.partial(_student_setup, train, dataset.root, label_column, label_map, soft_ids, soft_probs,
                               confident, config, allow_outside_root=dataset.allow_outside_root,
                               cache_dir=dataset.image_cache_dir, progress=progress)

@@ -55,6 +55,7 @@ from fat_distill.distill.confidence import ConfidenceScores, confident_set_chang
 from fat_distill.distill.config import TeacherConfig
 from fat_distill.manifests import ManifestError, parent_ref, read_manifest, read_manifest_meta, write_manifest
 from fat_distill.train import build_objective, build_train_data, fit
+from fat_distill.train.history import history_path, read_history
 from fat_distill.train.model_card import class_pids_of, describe_model
 
 log = logging.getLogger("fat_distill.distill")
@@ -187,25 +188,56 @@ def _round_inputs(dataset_manifest: PathLike, prev_round_manifest: PathLike | No
 
 def _train_model(inputs: _RoundInputs, config: TeacherConfig, round: int, mask: np.ndarray, directory: Path,
                  init_from: Path | None, device, stage: str, progress: bool, tensorboard_dir: PathLike | None):
-    settings = stage_settings(device, config.train)
-    data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
+    train = config.train.resolved("teacher")  # unset epochs are a round's, not a student's
+    settings = stage_settings(device, train)
+    data = build_train_data(inputs.train, inputs.dataset.root, train, label_map=inputs.label_map,
                             train_mask=mask, allow_outside_root=inputs.dataset.allow_outside_root,
                             cache_dir=inputs.dataset.image_cache_dir, progress=progress)
-    model = new_model(config.train, data.num_classes, settings)
+    model = new_model(train, data.num_classes, settings)
     if init_from is not None:
         if not init_from.is_file():
             raise FileNotFoundError(f"{stage}: retrain='continue' starts from {init_from}, which does not exist; "
                                     f"run round {round - 1} first")
         load_weights(model, init_from, settings.device)
     objective = build_objective("ce", model=model, num_classes=data.num_classes, num_samples=len(data.dataset),
-                                image_size=tuple(config.train.image_size), target="hard")
+                                image_size=tuple(train.image_size), target="hard")
     # The teacher's only use of its features (logits for soft labels) runs without flip averaging.
-    card = describe_model(config.train, class_pids_of(inputs.label_map), kind="teacher", method="teacher",
+    card = describe_model(train, class_pids_of(inputs.label_map), kind="teacher", method="teacher",
                           stage=stage, flip_test=False)
-    result = fit(model, objective, data.dataset, data.batch_sampler, config=config.train, settings=settings,
+    result = fit(model, objective, data.dataset, data.batch_sampler, config=train, settings=settings,
                  checkpoint_dir=directory, stage=stage, feature_dataset=data.feature_dataset, progress=progress,
                  tensorboard_dir=tensorboard_dir, model_card=card.to_dict())
     return model, data, settings, result
+
+
+def near_chance_warning(accuracy: float | None, num_classes: int, round: int, config: TeacherConfig) -> str | None:
+    """A warning when a teacher round's model barely learned its training rows, else None.
+
+    Near chance is a final-epoch train accuracy below twice chance (2 / C) or below 20 %: the
+    round's confidence and soft labels are then noise, and every later stage inherits that. The
+    message names the settings that usually fix it, with their current (resolved) values.
+
+    Args:
+        accuracy: the round's train accuracy on the rows it trained on (last epoch; mean over folds for oof).
+        num_classes: C, the identities it classifies.
+        round: r, for the message.
+        config: the teacher's settings.
+    """
+    if accuracy is None or num_classes < 1:
+        return None
+    floor = max(2.0 / num_classes, 0.2)
+    if accuracy >= floor:
+        return None
+    train = config.train.resolved("teacher")
+    return (f"teacher round {round} ended at {100 * accuracy:.1f}% train accuracy on its training rows "
+            f"(chance {100 / num_classes:.1f}%, warning below {100 * floor:.0f}%): its confidence and soft labels "
+            f"are close to noise. Raise teacher.train.epochs (now {train.epochs}) or change teacher.train.lr "
+            f"(now {train.lr:g}, {train.regime} regime), or pick a model that learns this data "
+            f"(teacher.train.model, now {train.model}; see benchmarks/README.md, \"Backbones\")")
+
+
+def _final_accuracy(history: list[dict[str, float]]) -> float | None:
+    return float(history[-1]["accuracy"]) if history and "accuracy" in history[-1] else None
 
 
 def keep_identities_in_every_fold(confident: np.ndarray, labels: np.ndarray, folds: np.ndarray,
@@ -292,6 +324,61 @@ def _run_fold(inputs: _RoundInputs, config: TeacherConfig, round: int, fold: int
     return result.final_checkpoint
 
 
+def _fold_accuracy(out_dir: Path, round: int, fold: int) -> float | None:
+    """The last epoch's train accuracy of a finished fold model (its history.parquet; None if absent)."""
+    path = history_path(fold_dir(out_dir, round, fold))
+    if not path.exists():
+        return None
+    history = read_history(path)
+    return float(history["accuracy"].iloc[-1]) if len(history) and "accuracy" in history.columns else None
+
+
+def _oof_logits(inputs: _RoundInputs, config: TeacherConfig, round: int, out_dir: Path, device, progress: bool,
+                tensorboard_dir: PathLike | None) -> np.ndarray:
+    """``(N, C)`` out-of-fold logits: fold k's model (trained, or found done) scores the rows of fold k."""
+    logits = np.zeros((len(inputs.train), len(inputs.label_map)), dtype=np.float32)
+    settings = stage_settings(device, config.train)
+    data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
+                            allow_outside_root=inputs.dataset.allow_outside_root,
+                            cache_dir=inputs.dataset.image_cache_dir)
+    for fold in range(config.folds):
+        checkpoint = _run_fold(inputs, config, round, fold, out_dir, device, progress, tensorboard_dir)
+        held_out = np.flatnonzero(inputs.folds == fold)
+        model = load_model(config.train, len(inputs.label_map), checkpoint, settings)
+        logits[held_out] = predict_logits(model, data.feature_dataset, settings, indices=held_out,
+                                          batch_size=max(64, config.train.batch_size),
+                                          num_workers=config.train.num_workers)
+    return logits
+
+
+def out_of_fold_probabilities(dataset_manifest: PathLike, config: TeacherConfig, out_dir: PathLike,
+                              device: str | torch.device | None = "auto", *, progress: bool = False,
+                              tensorboard_dir: PathLike | None = None
+                              ) -> tuple[pd.DataFrame, dict[Hashable, int], np.ndarray, np.ndarray]:
+    """Class probabilities of every train row from the K fold models of an out-of-fold round 0.
+
+    Fold k's model trains ``config.train`` on the given labels of the rows outside fold k
+    (:func:`run_teacher_fold`; done folds are reused) and scores fold k, so no row is scored by
+    a model that saw it: the input :func:`cleanlab.filter.find_label_issues` expects.
+
+    Args:
+        dataset_manifest: the ``dataset`` manifest.
+        config: settings with ``scoring='oof'``; ``folds`` is K, ``train`` each fold model's training.
+        out_dir: where the fold models go (``round-0/fold-k/``).
+
+    Returns:
+        ``(train, label_map, labels, probs)``: the train rows in dataset order with their ``fold``
+        column added, ``{pid: class index}``, the ``(N,)`` class index of each given label and the
+        ``(N, C)`` float64 out-of-fold probabilities.
+    """
+    if config.scoring != "oof":
+        raise ValueError("out_of_fold_probabilities needs scoring='oof' (K fold models)")
+    inputs = _round_inputs(dataset_manifest, None, config, 0)
+    logits = _oof_logits(inputs, config, 0, Path(out_dir), device, progress, tensorboard_dir)
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    return inputs.train.assign(fold=inputs.folds), inputs.label_map, inputs.labels, probs
+
+
 def _round_is_done(path: Path, key: dict, parents: list[Path]) -> bool:
     if not path.exists():
         return False
@@ -336,26 +423,21 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
         directory = round_dir(out_dir, round)
         claim_directory(directory, {**inputs.key, "train_rows": int(inputs.confident.sum())}, stage)
         init = round_dir(out_dir, round - 1) / "final.pt" if config.retrain == "continue" and round else None
-        model, data, settings, _ = _train_model(inputs, config, round, inputs.confident, directory, init, device,
-                                                stage, progress, tensorboard_dir)
+        model, data, settings, fitted = _train_model(inputs, config, round, inputs.confident, directory, init,
+                                                     device, stage, progress, tensorboard_dir)
+        train_accuracy = _final_accuracy(fitted.history)
         logits = predict_logits(model, data.feature_dataset, settings, batch_size=max(64, config.train.batch_size),
                                 num_workers=config.train.num_workers)
         fold_of_row = None
     else:
-        logits = np.zeros((n, len(inputs.label_map)), dtype=np.float32)
-        settings = stage_settings(device, config.train)
-        data = build_train_data(inputs.train, inputs.dataset.root, config.train, label_map=inputs.label_map,
-                                allow_outside_root=inputs.dataset.allow_outside_root,
-                                cache_dir=inputs.dataset.image_cache_dir)
-        for fold in range(config.folds):
-            checkpoint = _run_fold(inputs, config, round, fold, out_dir, device, progress, tensorboard_dir)
-            held_out = np.flatnonzero(inputs.folds == fold)
-            model = load_model(config.train, len(inputs.label_map), checkpoint, settings)
-            logits[held_out] = predict_logits(model, data.feature_dataset, settings, indices=held_out,
-                                              batch_size=max(64, config.train.batch_size),
-                                              num_workers=config.train.num_workers)
+        logits = _oof_logits(inputs, config, round, out_dir, device, progress, tensorboard_dir)
         fold_of_row = inputs.folds
+        accuracies = [a for k in range(config.folds) if (a := _fold_accuracy(out_dir, round, k)) is not None]
+        train_accuracy = float(np.mean(accuracies)) if accuracies else None
 
+    warning = near_chance_warning(train_accuracy, len(inputs.label_map), round, config)
+    if warning:
+        log.warning("%s", warning)
     probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
     scores = score_confidence(inputs.labels, probs, rule=config.rule, threshold=config.threshold,
                               quantile=config.quantile, min_per_class=config.min_confident_per_identity,
@@ -375,7 +457,7 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
                    extra={"round": round, "rule": config.rule, "scoring": config.scoring,
                           "confidence_cut": _confidence_cut(config),
                           "confident_fraction": float(scores.confident.mean()), "change": change,
-                          "kept_for_folds": promoted,
+                          "kept_for_folds": promoted, "train_accuracy": train_accuracy, "warning": warning,
                           "checkpoints": [str(p) for p in teacher_checkpoints(out_dir, round, config)]})
     log.info("teacher round %d: %d of %d samples confident (%.1f%%)%s", round, int(scores.confident.sum()), n,
              100 * scores.confident.mean(), "" if change is None else f", {100 * change:.1f}% changed")

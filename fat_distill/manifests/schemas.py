@@ -183,8 +183,27 @@ IDENTITY_AUDIT = ManifestSchema(
     ),
 )
 
+LABEL_ISSUES = ManifestSchema(
+    name="label_issues",
+    version=1,
+    doc="The cleanlab baseline's filter: confident learning (cleanlab.filter.find_label_issues) on K-fold "
+        "out-of-fold probabilities.",
+    label_column="pred_label",
+    sort_by=("sample_id",),
+    columns=(
+        Column("sample_id", pa.string()),
+        Column("given_label", pa.int64(), min_value=0, doc="the (noisy) label the sample came with"),
+        Column("pred_label", pa.int64(), min_value=0, doc="arg-max identity of the out-of-fold probabilities"),
+        Column("label_quality", pa.float32(), min_value=0.0, max_value=1.0,
+               doc="out-of-fold probability of the given label (cleanlab's self-confidence)"),
+        Column("flagged", pa.bool_(), doc="find_label_issues flags the given label; the cleanlab baseline "
+                                          "trains on the rows not flagged"),
+        Column("fold", pa.int32(), min_value=0, doc="the fold whose model scored this sample"),
+    ),
+)
+
 SCHEMAS: dict[str, ManifestSchema] = {
-    s.name: s for s in (DATASET, TEACHER_ROUND, SOFT_LABELS, METRICS, IDENTITY_AUDIT)
+    s.name: s for s in (DATASET, TEACHER_ROUND, SOFT_LABELS, METRICS, IDENTITY_AUDIT, LABEL_ISSUES)
 }
 
 

@@ -28,7 +28,8 @@ def train_section(stage: str) -> str:
 
 def _divergence_advice(exc, run_id: str, config: PipelineConfig) -> str:
     section = train_section(exc.stage)
-    train = config.teacher.train if section.startswith("teacher") else config.student.train
+    train = (config.teacher.train.resolved("teacher") if section.startswith("teacher")
+             else config.student.train.resolved("student"))
     lower = f"{train.lr / 10:g}"
     clip = "" if train.grad_clip is not None else f" or add --set {section}.grad_clip=5"
     return (f"{section}.lr is {train.lr:g} ({train.optimizer}); resume with a smaller one{clip}, e.g.\n"

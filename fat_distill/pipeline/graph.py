@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from fat_distill.distill.noise_report import has_ground_truth
-from fat_distill.manifests import read_manifest, write_manifest
+from fat_distill.manifests import read_manifest, read_manifest_meta, write_manifest
 from fat_distill.pipeline import stages
 from fat_distill.pipeline.config import PipelineConfig
 from fat_distill.pipeline.keys import key_components, stage_key
@@ -99,6 +99,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     previous: str | None = None
     rounds: list[str] = []
     round_out: dict[str, Any] = {}
+    warnings: list[str] = []  # teacher rounds that ended near chance: shown with the run's metrics
     for r in range(teacher_cfg.rounds):
         inputs = {"dataset": dataset, "previous_round": previous}
         if teacher_cfg.scoring == "oof":
@@ -119,6 +120,9 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
         paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
         previous = round_out["teacher_round"]
         rounds.append(previous)
+        warning = read_manifest_meta(previous).extra.get("warning")  # not an output: outputs name files
+        if warning:
+            warnings.append(warning)
         change = round_out.get("change")
         if change is not None and change <= teacher_cfg.tolerance:
             log.info("teacher: confident set changed by %.2f%% <= tolerance after round %d; stopping",
@@ -146,16 +150,22 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     )).result()
     paths.publish(soft["soft_labels"], "soft_labels.parquet")
 
+    # The filter-and-retrain baselines: rows kept by the final teacher round, or by cleanlab.
+    row_filters = {"filtered": previous}
+    if "cleanlab" in config.student_configs():
+        row_filters["cleanlab"] = _run_cleanlab(config, paths, executor, dataset, progress, tensorboard)
     students = {}
     for method, cfg in config.student_configs().items():  # named by the method each model really trains with
         soft_input = soft["soft_labels"] if method == "distilled" else None
+        rows = row_filters.get(method)
+        inputs = {"dataset": dataset, "soft_labels": soft_input, **({"rows": rows} if rows else {})}
         students[method] = (cfg, executor.submit(make_call(
             f"student.{method}", "student", stages.student_stage,
-            inputs={"dataset": dataset, "soft_labels": soft_input}, config=cfg, needs_device=True,
+            inputs=inputs, config=cfg, needs_device=True,
             parallel_devices=cfg.train.devices,
             kwargs={"dataset": dataset, "soft_labels": soft_input, "config": cfg,
                     "work_dir": str(paths.stage_dir("student", method)), "progress": progress,
-                    "tensorboard_dir": tensorboard},
+                    "tensorboard_dir": tensorboard, **({"rows": rows} if rows else {})},
         )))
     evaluations = {}
     for method, (cfg, handle) in students.items():
@@ -173,7 +183,31 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     for path in [*metric_paths.values(), audited["metrics"], noise_metrics]:
         if path is not None:
             paths.publish(path)
-    return summarise_metrics(paths, metric_paths, audited["metrics"], noise_metrics)
+    return {**summarise_metrics(paths, metric_paths, audited["metrics"], noise_metrics), "warnings": warnings}
+
+
+def _run_cleanlab(config: PipelineConfig, paths: RunPaths, executor: Executor, dataset: str, progress: bool,
+                  tensorboard: str | None) -> str:
+    """The cleanlab baseline's K fold models (in parallel), then its filter; returns the label_issues manifest."""
+    fold_teacher = config.cleanlab.fold_teacher(config.teacher)
+    work_dir = str(paths.stage_dir("cleanlab"))
+    inputs = {"dataset": dataset, "previous_round": None}
+    folds = [executor.submit(make_call(
+        f"cleanlab.fold{k}", "teacher_fold", stages.teacher_fold_stage, inputs=inputs,
+        config=fold_teacher.round_hash(), extra={"round": 0, "fold": k, "for": "cleanlab"}, needs_device=True,
+        kwargs={"dataset": dataset, "previous_round": None, "config": fold_teacher, "round": 0, "fold": k,
+                "work_dir": work_dir, "progress": progress, "tensorboard_dir": tensorboard},
+    )) for k in range(fold_teacher.folds)]
+    for handle in folds:
+        handle.result()
+    out = executor.submit(make_call(
+        "cleanlab", "cleanlab", stages.cleanlab_stage, inputs={"dataset": dataset},
+        config={"cleanlab": config.cleanlab, "fold_teacher": fold_teacher.round_hash()}, needs_device=True,
+        kwargs={"dataset": dataset, "config": config.cleanlab, "teacher": config.teacher, "work_dir": work_dir,
+                "progress": progress, "tensorboard_dir": tensorboard},
+    )).result()
+    paths.publish(out["label_issues"])
+    return out["label_issues"]
 
 
 KEY_METRICS = ("rank1", "rank5", "mAP", "mINP")

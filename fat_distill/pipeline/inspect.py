@@ -54,7 +54,8 @@ def inspect_run(run_dir: str | Path) -> dict[str, Any]:
         meta = frame.attrs["manifest"]
         conf = frame["confident"].astype(bool).to_numpy()
         entry = {"round": int(frame["round"].iloc[0]) if len(frame) else None, "kept": int(conf.sum()),
-                 "dropped": int((~conf).sum()), "change": meta.extra.get("change")}
+                 "dropped": int((~conf).sum()), "change": meta.extra.get("change"),
+                 "train_accuracy": meta.extra.get("train_accuracy"), "warning": meta.extra.get("warning")}
         if truth is not None:
             is_noisy = truth.reindex(frame["sample_id"]).fillna(False).to_numpy(dtype=bool)
             entry.update(noisy=int(is_noisy.sum()), noisy_dropped=int((is_noisy & ~conf).sum()),

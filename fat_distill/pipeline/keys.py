@@ -28,6 +28,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "teacher_round": ("data", "manifests", "models", "losses", "train", "distill"),
     "soft_labels": ("data", "manifests", "models", "train", "distill"),
     "student": ("data", "manifests", "models", "losses", "train", "distill"),
+    "cleanlab": ("data", "manifests", "models", "losses", "train", "distill"),
     "evaluate": ("data", "manifests", "models", "train", "distill", "evaluate"),
     "noise_report": ("manifests", "distill", "evaluate"),
     "label_audit": ("manifests", "distill", "evaluate"),

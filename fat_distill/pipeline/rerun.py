@@ -22,13 +22,14 @@ if TYPE_CHECKING:
 __all__ = ["SECTION_ORDER", "changed_sections", "discard_stale_stages", "stale_outputs"]
 
 #: Config sections in pipeline order; a change re-runs the section's stages and everything after them.
-SECTION_ORDER = ("data", "noise", "teacher", "student", "baselines")
+SECTION_ORDER = ("data", "noise", "teacher", "cleanlab", "student", "baselines")
 
 # Stage folders (under runs/RUN/stages) and published manifests (glob patterns) of each section.
 _STAGE_DIRS = {
     "data": ["data"],
     "noise": ["noise"],
     "teacher": ["teacher", "label_audit", "noise_report", "soft_labels"],
+    "cleanlab": ["cleanlab"],  # its fold models train with teacher.train, so a teacher change reaches it
     "student": ["student", "evaluate"],
     "baselines": [],
 }
@@ -37,6 +38,7 @@ _MANIFESTS = {
     "noise": ["dataset_noisy.parquet"],
     "teacher": ["teacher_round_*.parquet", "soft_labels.parquet", "label_audit*.parquet",
                 "metrics_noise_detection.parquet", "metrics_label_audit*.parquet"],
+    "cleanlab": ["label_issues.parquet"],
     "student": ["metrics_*.parquet", "metrics.parquet"],
     "baselines": ["metrics.parquet"],
 }

@@ -27,6 +27,7 @@ from fat_distill.distill import (
     teacher_checkpoints,
     train_student,
 )
+from fat_distill.distill.cleanlab_baseline import CleanlabConfig, find_label_issues_manifest
 from fat_distill.manifests import parent_ref, read_manifest, read_manifest_meta, write_manifest
 from fat_distill.pipeline.config import DataSection, NoiseSection
 from fat_distill.train import recording_fits, summarise_fits
@@ -190,6 +191,7 @@ def teacher_round_stage(dataset: str | Path, previous_round: str | None, config:
     meta = read_manifest_meta(path)
     return {"teacher_round": str(path), "change": meta.extra.get("change"),
             "confident_fraction": meta.extra.get("confident_fraction"),
+            "train_accuracy": meta.extra.get("train_accuracy"),
             "checkpoints": [str(p) for p in teacher_checkpoints(work_dir, round, config)], **summarise_fits(fits)}
 
 
@@ -202,13 +204,25 @@ def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints:
 
 
 def student_stage(dataset: str | Path, soft_labels: str | None, config: StudentConfig, work_dir: str | Path,
-                  device: str = "auto", progress: bool = False, tensorboard_dir: str | None = None) -> Outputs:
-    """Train the distilled student or a baseline (``config.method``)."""
+                  device: str = "auto", progress: bool = False, tensorboard_dir: str | None = None,
+                  rows: str | None = None) -> Outputs:
+    """Train the distilled student or a baseline (``config.method``); ``rows``: a row-filter method's manifest."""
     with recording_fits() as fits:
         result = train_student(dataset, config, work_dir, device,
                                soft_labels_manifest=soft_labels if config.method == "distilled" else None,
-                               progress=progress, tensorboard_dir=tensorboard_dir)
+                               rows_manifest=rows, progress=progress, tensorboard_dir=tensorboard_dir)
     return {"checkpoint": str(result.checkpoint), "method": config.method, **summarise_fits(fits)}
+
+
+def cleanlab_stage(dataset: str | Path, config: CleanlabConfig, teacher: TeacherConfig, work_dir: str | Path,
+                   device: str = "auto", progress: bool = False, tensorboard_dir: str | None = None) -> Outputs:
+    """The cleanlab baseline's filter: K fold models (reused when done), then find_label_issues."""
+    with recording_fits() as fits:
+        path = find_label_issues_manifest(dataset, config, teacher, work_dir, device, progress=progress,
+                                          tensorboard_dir=tensorboard_dir)
+    meta = read_manifest_meta(path)
+    return {"label_issues": str(path), "flagged": meta.extra.get("flagged"), "kept": meta.extra.get("kept"),
+            **summarise_fits(fits)}
 
 
 def evaluate_stage(dataset: str | Path, checkpoint: str | Path, config: StudentConfig, work_dir: str | Path,
@@ -236,7 +250,7 @@ def label_audit_stage(dataset: str | Path, rounds: list[str], work_dir: str | Pa
 
 
 __all__ = [
-    "Outputs", "data_stage", "evaluate_stage", "label_audit_stage", "log_resume", "noise_report_stage", "noise_stage",
+    "Outputs", "cleanlab_stage", "data_stage", "evaluate_stage", "label_audit_stage", "log_resume", "noise_report_stage", "noise_stage",
     "round_manifest_path", "soft_labels_stage", "split_training", "student_stage", "teacher_fold_stage",
     "teacher_round_stage", "training_entry",
 ]

@@ -13,11 +13,14 @@ from fat_distill.config_hash import HASH_CONTEXT_KEY
 #: so changing them neither retrains a stage nor refuses to resume its checkpoints.
 INPUT_PIPELINE_FIELDS = frozenset({"num_workers", "cache", "cache_dir", "cache_memory_gb", "cache_disk_gb"})
 
+from fat_distill.train.regimes import REGIME_FIELDS, Regime, Role, regime_default, regime_of
+
 
 class TrainConfig(BaseModel):
     """How one training stage runs. Unknown keys are errors.
 
-    Defaults are sized for the CPU demo (``small_cnn`` at 128×64); the reference
+    ``lr``, ``epochs`` and ``warmup_epochs`` default to None: :meth:`resolved` fills them from the
+    regime (from scratch, or with pretrained ``weights``; :mod:`fat_distill.train.regimes`). The reference
     ResNet-50 settings of the FAT authors are lr 0.01 backbone / 0.1 head, SGD
     nesterov, 60 epochs, 384×128 input.
     """
@@ -29,18 +32,20 @@ class TrainConfig(BaseModel):
     embedding_dim: int | None = Field(None, ge=2, description="embedding width; None keeps the backbone's")
     last_stride: int = Field(1, ge=1, le=2, description="ResNet layer4 stride (1 = Bag-of-Tricks ReID)")
     image_size: tuple[int, int] = Field((128, 64), description="input (height, width)")
-    epochs: int = Field(10, ge=1)
+    epochs: int | None = Field(None, ge=1, description="None: the regime's default (fat_distill.train.regimes)")
     batch_p: int = Field(16, ge=1, description="identities per batch")
     batch_k: int = Field(4, ge=1, description="images per identity per batch")
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(3.5e-4, gt=0, description="learning rate of the head (and of the backbone × backbone_lr_mult)")
+    lr: float | None = Field(None, gt=0, description="learning rate of the head (and of the backbone × "
+                                                     "backbone_lr_mult); None: the regime's default")
     backbone_lr_mult: float = Field(1.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr × gamma")
     gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup length (epochs, fractional allowed)")
+    warmup_epochs: float | None = Field(None, ge=0, description="linear warmup length (epochs, fractional "
+                                                                "allowed); None: the regime's default")
     warmup_factor: float = Field(0.1, gt=0, le=1, description="lr multiplier at the start of warmup")
     min_lr_factor: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm at this value")
@@ -66,7 +71,8 @@ class TrainConfig(BaseModel):
     channels_last: bool | None = Field(None, description="None = on for CUDA only")
     flip_p: float = Field(0.5, ge=0, le=1)
     random_erasing_p: float = Field(0.5, ge=0, le=1)
-    pad: int = Field(10, ge=0)
+    pad: int | None = Field(None, ge=0, description="random-crop padding (pixels); None: 10 per 128 px of image "
+                                                    "height (Bag of Tricks' 10 at 128×64; 2 at 32×32)")
     seed: int = 0
     keep_checkpoints: int = Field(2, ge=1, description="epoch checkpoints kept on disk (newest)")
     devices: list[str] = Field(
@@ -96,6 +102,19 @@ class TrainConfig(BaseModel):
         if isinstance(info.context, dict) and info.context.get(HASH_CONTEXT_KEY):
             return {key: value for key, value in data.items() if key not in INPUT_PIPELINE_FIELDS}
         return data
+
+    @property
+    def regime(self) -> Regime:
+        """``scratch`` (no ``weights``) or ``pretrained``: which defaults unset lr/epochs/warm-up take."""
+        return regime_of(self.weights)
+
+    def resolved(self, role: Role = "student") -> TrainConfig:
+        """A copy with ``lr``, ``epochs``, ``warmup_epochs`` and ``pad`` set: the config's own, else the
+        regime's (``pad``: scaled to the image height)."""
+        unset = {f: regime_default(self.regime, f, role) for f in REGIME_FIELDS if getattr(self, f) is None}
+        if self.pad is None:  # the padding scales with the image: 10 px of a 128 px crop ruin a 32 px face
+            unset["pad"] = max(1, round(10 * self.image_size[0] / 128))
+        return self.model_copy(update=unset) if unset else self
 
     @property
     def batch_size(self) -> int:

@@ -187,6 +187,7 @@ def fit_distributed(
         CheckpointError: the checkpoint directory holds a run of another config.
         ValueError: fewer than two devices, or a CUDA device that does not exist.
     """
+    config = config.resolved()  # unset lr/epochs/warm-up take the regime's defaults (no-op when resolved)
     devices = list(config.devices)
     world_size = len(devices)
     if world_size < 2:

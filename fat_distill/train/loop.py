@@ -227,6 +227,7 @@ def fit(
         RunCancelled: a cancel was requested (:mod:`fat_distill.cancel`); raised at a batch boundary.
         CheckpointError: the checkpoint directory holds a run of another config.
     """
+    config = config.resolved()  # unset lr/epochs/warm-up take the regime's defaults (no-op when resolved)
     checkpoint_dir = Path(checkpoint_dir)
     device = settings.device
     objective.to(device)
