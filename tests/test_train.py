@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -55,8 +57,12 @@ def test_fit_lowers_the_loss_and_writes_checkpoints(image_frame, objective):
     config = small_config(epochs=4, lr=3e-3)
     out = root / f"run_{objective}"
     _, result = run(out.parent, frame, config, objective, ckpt=out.name)
-    losses = [h["loss"] for h in result.history]
+    # The hybrid's FAT term starts near 0 (no centres yet, then centres of an untrained model) and grows
+    # while the centres separate, so its cross-entropy term is the one that must fall within 4 epochs.
+    term = "ce" if objective == "fat_hybrid" else "loss"
+    losses = [h[term] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    assert all(math.isfinite(h["loss"]) for h in result.history)
     assert result.final_checkpoint.exists()
     state = load_checkpoint(result.final_checkpoint)  # weights_only=True
     assert "model" in state and state["stage"] == "unit"
