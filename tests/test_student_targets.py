@@ -27,3 +27,38 @@ def test_weight_one_is_the_hard_label():
     probs = torch.tensor([[0.6, 0.4]])
     mixed = mix_given_label(ids, probs, np.array([2]), torch.tensor([True]), 1.0)
     torch.testing.assert_close(dense_soft_targets(mixed, 3, "test"), torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def _soft_labels(tmp_path):
+    import pandas as pd
+
+    from fat_distill.manifests import write_manifest
+    soft = pd.DataFrame({
+        "sample_id": ["a", "b", "c", "d"],
+        "given_label": [1, 1, 2, 3],
+        "topk_ids": [[1, 2], [2, 1], [3, 1], [3, 2]],
+        "topk_probs": [[0.9, 0.1], [0.8, 0.2], [0.3, 0.2], [0.9, 0.1]],
+        "confident": [True, False, False, False],
+    })
+    path = tmp_path / "soft.parquet"
+    write_manifest(soft, path, "soft_labels", stage="test")
+    train = pd.DataFrame({"sample_id": ["a", "b", "c", "d"], "pid": [1, 1, 2, 3]})
+    return path, train, {1: 0, 2: 1, 3: 2}
+
+
+def test_flagged_rows_are_relabelled_when_the_teacher_is_sure_else_dropped(tmp_path):
+    from fat_distill.distill import StudentConfig
+    from fat_distill.distill.student import distilled_targets
+    path, train, label_map = _soft_labels(tmp_path)
+    # b: flagged, teacher 0.8 on pid 2 → relabel; c: 0.3 → drop; d: teacher agrees with the given label → drop.
+    rows, ids, probs, confident, column = distilled_targets(
+        path, train, label_map, StudentConfig(flagged_rows="relabel", relabel_min_prob=0.5))
+    assert list(rows["sample_id"]) == ["a", "b"] and list(rows[column]) == [1, 2]
+    assert confident.tolist() == [True, False]  # a relabelled row builds no centre
+    assert ids.shape[0] == probs.shape[0] == 2 and ids[1, 0] == label_map[2]
+
+    rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig(flagged_rows="drop"))
+    assert list(rows["sample_id"]) == ["a"] and confident.tolist() == [True]
+
+    rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig())
+    assert column == "pid" and len(rows) == 4 and confident.tolist() == [True, False, False, False]

@@ -116,6 +116,14 @@ class StudentConfig(Section):
     label_source: Literal["given", "teacher"] = Field(
         "given", description="distilled: the hard label FAT and the P×K sampler use: the given label, or "
                              "the teacher's most probable identity (top-1 soft label)")
+    flagged_rows: Literal["soft", "relabel", "drop"] = Field(
+        "soft", description="distilled: what the student does with the rows the teacher flagged: train on them with "
+                            "the soft label (their hard label stays the given one); relabel them to the teacher's "
+                            "top-1 identity when its probability is >= relabel_min_prob and drop the rest (the rule "
+                            "of `fat-distill labels export`); or drop them all")
+    relabel_min_prob: float = Field(
+        0.5, ge=0, le=1, description="distilled with flagged_rows: relabel: the teacher's top-1 probability a flagged "
+                                     "row needs to be relabelled instead of dropped")
     ce_weight: float = Field(1.0, ge=0, description="λ_ce of the hybrid and ce_triplet losses")
     smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of hard-label cross-entropy")
     fat_margin: float = Field(0.1, gt=0, description="margin of normalised FAT")

@@ -36,6 +36,7 @@ from fat_distill.distill._common import (
     train_rows,
 )
 from fat_distill.distill.config import ROW_FILTER_METHODS, StudentConfig
+from fat_distill.distill.label_audit import propose_actions
 from fat_distill.distill.soft_labels import soft_targets_for
 from fat_distill.manifests import parent_ref, read_manifest, write_manifest
 from fat_distill.train import DeviceSettings, build_objective, build_train_data, fit
@@ -120,23 +121,48 @@ def student_label_map(frame: pd.DataFrame, config: StudentConfig) -> dict[Hashab
     return build_label_map(train[column])
 
 
-def _soft_inputs(soft_labels_manifest: PathLike, train: pd.DataFrame, label_map: dict, config: StudentConfig):
+def distilled_targets(soft_labels_manifest: PathLike, train: pd.DataFrame, label_map: dict, config: StudentConfig):
+    """The distilled student's rows and targets: ``(train, ids, probs, confident, label_column)``.
+
+    Rows the teacher flagged are kept with their soft label, relabelled to the teacher's top-1
+    identity or dropped (``config.flagged_rows``); ``label_column`` holds the hard label FAT and
+    the P×K sampler use.
+    """
     soft = read_manifest(soft_labels_manifest, "soft_labels")
-    ids, probs = soft_targets_for(soft, train["sample_id"].tolist(), label_map)
     indexed = soft.set_index("sample_id").loc[train["sample_id"]]
-    confident = torch.from_numpy(indexed["confident"].to_numpy(dtype=bool).copy())
-    if config.label_source == "teacher":
-        # Top-1 of the soft labels (rows are sorted by probability); pids outside the map fall back to the given one.
-        top1 = np.array([int(v[0]) for v in indexed["topk_ids"]], dtype=np.int64)
-        known = np.array([p in label_map for p in top1.tolist()])
-        train = train.assign(teacher_pid=np.where(known, top1, train["pid"].to_numpy()))
-    if not bool(confident.any()):
+    confident = indexed["confident"].to_numpy(dtype=bool).copy()
+    if not confident.any():
         raise ValueError(f"{soft_labels_manifest}: no sample is confident, so no FAT centre can be built; "
                          "relax the teacher's confidence rule")
+    # Top-1 of the soft labels (rows are sorted by probability); pids outside the map fall back to the given one.
+    top1 = np.array([int(v[0]) for v in indexed["topk_ids"]], dtype=np.int64)
+    top1_prob = np.array([float(v[0]) for v in indexed["topk_probs"]], dtype=np.float64)
+    given = train["pid"].to_numpy()
+    known = np.array([p in label_map for p in top1.tolist()])
+    top1 = np.where(known, top1, given)
+    label_column = "pid"
+    if config.label_source == "teacher":
+        train = train.assign(teacher_pid=top1)
+        label_column = "teacher_pid"
+    if config.flagged_rows != "soft":
+        if config.flagged_rows == "relabel":  # the rule `fat-distill labels export` proposes
+            actions = propose_actions(~confident, given, top1, np.where(known, top1_prob, 0.0),
+                                      config.relabel_min_prob)
+        else:
+            actions = np.where(confident, "keep", "drop")
+        keep = actions != "drop"
+        relabelled = np.where(actions == "relabel", top1, train[label_column].to_numpy())
+        train = train.assign(student_pid=relabelled)[keep].reset_index(drop=True)
+        confident = confident[keep]
+        label_column = "student_pid"
+        log.info("student.distilled: %d flagged row(s) relabelled, %d dropped (flagged_rows=%s)",
+                 int((actions == "relabel").sum()), int((~keep).sum()), config.flagged_rows)
+    ids, probs = soft_targets_for(soft, train["sample_id"].tolist(), label_map)
+    confident = torch.from_numpy(confident)
     if config.given_label_weight > 0:
         ids, probs = mix_given_label(ids, probs, train["pid"].map(label_map).to_numpy(), confident,
                                      config.given_label_weight)
-    return train, ids, probs, confident
+    return train, ids, probs, confident, label_column
 
 
 def mix_given_label(ids: torch.Tensor, probs: torch.Tensor, given: np.ndarray, confident: torch.Tensor,
@@ -222,9 +248,8 @@ def train_student(
                           label_column=label_column, flip_test=config.flip_test, distance=config.distance)
     soft_ids = soft_probs = confident = None
     if method == "distilled":
-        train, soft_ids, soft_probs, confident = _soft_inputs(soft_labels_manifest, train, label_map, config)
-        if config.label_source == "teacher":
-            label_column = "teacher_pid"
+        train, soft_ids, soft_probs, confident, label_column = distilled_targets(
+            soft_labels_manifest, train, label_map, config)
 
     out_dir = Path(out_dir)
     claim_directory(out_dir, {"stage": stage, "config": config.training_hash(), "dataset": dataset.content_hash,
