@@ -352,7 +352,7 @@ def register(app: typer.Typer) -> None:
         overrides: SetOption = None,
         direct: Annotated[bool, typer.Option(help="Run without Prefect.")] = False,
     ) -> None:
-        """Synthesise a noisy dataset and run the whole pipeline with small_cnn on the CPU (a few minutes)."""
+        """Synthesise a noisy dataset and run the whole pipeline with tiny_cnn on the CPU (a few minutes)."""
         from fat_distill.pipeline.overrides import ConfigError
 
         try:

@@ -98,7 +98,7 @@ def test_the_resume_hint_appears_only_where_resuming_can_help(tmp_path):
     assert plain not in too_high and "fat-distill resume R --set" in too_high
     nan = NonFiniteLossError("student.distilled", 0, 3, {"ce": float("nan")}, None)
     advice = failure_advice(nan, "R", config)
-    assert f"student.train.lr is {config.student.train.lr:g}" in advice and "--set student.train.lr=" in advice
+    assert f"student.train.lr is {config.student.train.resolved().lr:g}" in advice and "--set student.train.lr=" in advice
 
 
 def test_prefect_console_shows_failures_without_tracebacks_other_handlers_keep_them(monkeypatch):

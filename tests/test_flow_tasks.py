@@ -148,4 +148,4 @@ def test_every_stage_kind_has_a_retry_count():
     for kind in STAGE_CODE:
         assert retries.for_stage(kind) >= 0
     assert {k for k in STAGE_CODE if retries.for_stage(k) == 0} == {
-        "teacher_fold", "teacher_round", "soft_labels", "student", "evaluate"}
+        "teacher_fold", "teacher_round", "soft_labels", "cleanlab", "student", "evaluate"}

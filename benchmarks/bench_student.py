@@ -1,0 +1,187 @@
+"""Student ablation on finished runs: what feeds the distilled student, with the teacher held fixed.
+
+The teacher stages are the expensive part of a run and do not depend on the student's
+settings, so this script takes finished pipeline runs (``fat-distill run`` / ``demo``,
+one per seed) and trains, on each run's noisy dataset manifest, soft labels and final
+teacher round,
+
+- variants of the distilled student (``--variants``): how flagged rows are used
+  (soft label / relabelled to the teacher's top-1 / dropped), the weight of the given
+  label on confident rows, the FAT negatives;
+- the baselines a practitioner would use instead (``ce_triplet`` on every row,
+  ``filtered``: CE + batch-hard on the teacher's confident rows) and the ``oracle``,
+
+each with the run's own student training settings (model, image size, epochs, seed), and
+reports mAP / rank-1 as mean and min–max over the runs, plus per run the fraction of
+the mAP gap from the best non-oracle baseline to the oracle that each student closes.
+Rows go to ``runs.csv`` under ``--out`` as they are measured; a row found there is not
+trained again.
+
+Example (the ablation in ``benchmarks/README.md``; three demo runs with seeds 0–2)::
+
+    for s in 0 1 2; do fat-distill demo --direct --set run.seed=$s; done
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_student.py --runs runs/demo-* \\
+        --out benchmarks/results/student
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from fat_distill.distill import StudentConfig, evaluate_student, train_student
+from fat_distill.manifests import read_manifest
+
+log = logging.getLogger("bench_student")
+
+RUNS_FILE = "runs.csv"
+SUMMARY_FILE = "summary.md"
+BASELINES = ("ce_triplet", "filtered")
+
+#: variant name → StudentConfig fields on top of the run's student section.
+VARIANTS: dict[str, dict] = {
+    "ce_triplet": {"method": "ce_triplet"},
+    "filtered": {"method": "filtered"},
+    "oracle": {"method": "oracle"},
+    "distilled": {"method": "distilled"},
+    "distilled:relabel": {"method": "distilled", "flagged_rows": "relabel"},
+    "distilled:drop": {"method": "distilled", "flagged_rows": "drop"},
+    "distilled:given1": {"method": "distilled", "given_label_weight": 1.0},
+    "distilled:given0.5": {"method": "distilled", "given_label_weight": 0.5},
+    "distilled:relabel:given1": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0},
+    "distilled:relabel:given0.5": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 0.5},
+    "distilled:drop:given1": {"method": "distilled", "flagged_rows": "drop", "given_label_weight": 1.0},
+    "distilled:relabel:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "relabel_min_prob": 0.3},
+    "distilled:relabel:prob0.7": {"method": "distilled", "flagged_rows": "relabel", "relabel_min_prob": 0.7},
+    "distilled:teacher_labels": {"method": "distilled", "label_source": "teacher"},
+}
+DEFAULT_VARIANTS = ("ce_triplet", "filtered", "oracle", "distilled", "distilled:relabel", "distilled:drop",
+                    "distilled:given1", "distilled:relabel:given1")
+
+
+def parse_variant(text: str) -> str:
+    if text not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"unknown variant {text!r}; choose from {', '.join(VARIANTS)}")
+    return text
+
+
+def run_inputs(run_dir: Path) -> dict:
+    """The manifests and the student section of a finished run (read from its folder, not from Prefect)."""
+    run_dir = Path(run_dir).resolve()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    stages = run_dir / "stages"
+    rounds = sorted((stages / "teacher").glob("teacher_round_*.parquet"),
+                    key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    inputs = {"dataset": stages / "noise" / "dataset_noisy.parquet",
+              "soft_labels": stages / "soft_labels" / "soft_labels.parquet",
+              "final_round": rounds[-1] if rounds else None}
+    if not inputs["dataset"].is_file():  # no noise injected: the data stage's manifest
+        inputs["dataset"] = stages / "data" / "dataset.parquet"
+    missing = [name for name, path in inputs.items() if path is None or not Path(path).is_file()]
+    if missing:
+        raise SystemExit(f"{run_dir}: not a finished run, missing {', '.join(missing)}")
+    return {**inputs, "student": config["student"], "seed": config.get("run", {}).get("seed")}
+
+
+def run_variant(inputs: dict, variant: str, work: Path) -> dict:
+    fields = {**inputs["student"], **VARIANTS[variant]}
+    config = StudentConfig.model_validate(fields)
+    kwargs = {}
+    if config.method == "distilled":
+        kwargs["soft_labels_manifest"] = inputs["soft_labels"]
+    if config.method == "filtered":
+        kwargs["rows_manifest"] = inputs["final_round"]
+    out_dir = work / variant.replace(":", "-")
+    started = time.perf_counter()
+    result = train_student(inputs["dataset"], config, out_dir, "cpu", **kwargs)
+    seconds = time.perf_counter() - started
+    metrics_path = evaluate_student(inputs["dataset"], result.checkpoint, config, out_dir / "metrics.parquet", "cpu")
+    metrics = read_manifest(metrics_path, "metrics").set_index("metric")["value"]
+    accuracy = result.history[-1].get("accuracy", math.nan) if result.history else math.nan
+    return {"mAP": float(metrics["mAP"]), "rank1": float(metrics["rank1"]), "last_epoch_batch_acc": accuracy,
+            "train_seconds": seconds}
+
+
+def _mean_range(values: pd.Series) -> str:
+    values = values.dropna() * 100
+    if values.empty:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.1f}"
+    return f"{values.mean():.1f} [{values.min():.1f}, {values.max():.1f}]"
+
+
+def summarise(runs: pd.DataFrame) -> str:
+    """Markdown: every variant's mAP / rank-1 over runs, its margin over the best baseline and the gap closed."""
+    lines = ["| variant | runs | mAP | rank-1 | mAP − best baseline (per run) | gap to oracle closed (per run) |",
+             "|---|---:|---|---|---|---|"]
+    margins: dict[str, list[float]] = {}
+    closed: dict[str, list[float]] = {}
+    for _, group in runs.groupby("run"):
+        by = group.drop_duplicates("variant", keep="last").set_index("variant")["mAP"]
+        present = [b for b in BASELINES if b in by.index]
+        if not present:
+            continue
+        best = max(by[b] for b in present)
+        gap = by["oracle"] - best if "oracle" in by.index else math.nan
+        for variant, value in by.items():
+            if variant in BASELINES or variant == "oracle":
+                continue
+            margins.setdefault(variant, []).append(value - best)
+            closed.setdefault(variant, []).append((value - best) / gap if gap > 0 else math.nan)
+    order = runs.groupby("variant")["mAP"].mean().sort_values(ascending=False).index
+    for variant in order:
+        g = runs[runs["variant"] == variant]
+        margin = _mean_range(pd.Series(margins[variant])) if variant in margins else "–"
+        gap = _mean_range(pd.Series(closed[variant])) + " %" if variant in closed else "–"
+        lines.append(f"| {variant} | {g['run'].nunique()} | {_mean_range(g['mAP'])} | {_mean_range(g['rank1'])} | "
+                     f"{margin} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="finished run folders (runs/<run_id>)")
+    parser.add_argument("--variants", nargs="+", type=parse_variant, default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fat_distill_bench_student"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student"))
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_path = args.out / RUNS_FILE
+    started = time.perf_counter()
+    for run_dir in [r for r in args.runs if not r.is_symlink()]:
+        inputs = run_inputs(run_dir)
+        for variant in args.variants:
+            table = pd.read_csv(runs_path) if runs_path.is_file() else None
+            if table is not None and ((table["run"] == run_dir.name) & (table["variant"] == variant)).any():
+                continue
+            row = {"run": run_dir.name, "seed": inputs["seed"], "variant": variant,
+                   **run_variant(inputs, variant, args.work_dir / run_dir.name)}
+            log.info("%s %s: mAP %.1f (%.0f s)", run_dir.name, variant, 100 * row["mAP"], row["train_seconds"])
+            frame = pd.DataFrame([row])
+            if runs_path.is_file():
+                frame = pd.concat([pd.read_csv(runs_path), frame], ignore_index=True)
+            tmp = runs_path.with_suffix(".tmp")
+            frame.to_csv(tmp, index=False, float_format="%.4f")
+            tmp.replace(runs_path)
+    runs = pd.read_csv(runs_path)
+    text = summarise(runs)
+    (args.out / SUMMARY_FILE).write_text(text)
+    print(text)
+    log.info("bench_student: finished in %.0f s", time.perf_counter() - started)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
