@@ -91,8 +91,8 @@ def run_inputs(run_dir: Path) -> dict:
     return {**inputs, "student": config["student"], "seed": config.get("run", {}).get("seed")}
 
 
-def run_variant(inputs: dict, variant: str, work: Path) -> dict:
-    fields = {**inputs["student"], **VARIANTS[variant]}
+def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None) -> dict:
+    fields = {**inputs["student"], **(overrides or {}), **VARIANTS[variant]}
     config = StudentConfig.model_validate(fields)
     kwargs = {}
     if config.method == "distilled":
@@ -154,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fat_distill_bench_student"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a student field for every variant, e.g. fat_cohesion_weight=1.0 (repeatable)")
     args = parser.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             if table is not None and ((table["run"] == run_dir.name) & (table["variant"] == variant)).any():
                 continue
             row = {"run": run_dir.name, "seed": inputs["seed"], "variant": variant,
-                   **run_variant(inputs, variant, args.work_dir / run_dir.name)}
+                   **run_variant(inputs, variant, args.work_dir / run_dir.name, overrides)}
             log.info("%s %s: mAP %.1f (%.0f s)", run_dir.name, variant, 100 * row["mAP"], row["train_seconds"])
             frame = pd.DataFrame([row])
             if runs_path.is_file():

@@ -129,7 +129,10 @@ class StudentConfig(Section):
     fat_margin: float = Field(0.1, gt=0, description="margin of normalised FAT")
     fat_aggregation: Literal["hardest", "mean", "topk"] = "hardest"
     fat_cohesion: Literal["max_radius", "mean"] = "mean"
-    fat_cohesion_weight: float = Field(0.1, ge=0)
+    fat_cohesion_weight: float = Field(
+        1.0, ge=0, description="λ_coh of normalised FAT: the reference code's 1.0 for normalised features (0.1 is "
+                               "its raw-feature value); measured on clean labels in benchmarks/README.md, "
+                               "'Clean-label objectives'")
     fat_negatives: Literal["all_centres", "centre_shortlist", "batch_hardest"] = Field(
         "all_centres", description="FAT's negatives: every other centre (exact); the fat_k centres nearest to the "
                                    "sample's own centre (a short list, O(B·k·D) a step); or the fat_k nearest "

@@ -240,7 +240,7 @@ def build_objective(
     fat_margin: float = 0.1,
     fat_aggregation: str = "hardest",
     fat_cohesion: str = "mean",
-    fat_cohesion_weight: float = 0.1,
+    fat_cohesion_weight: float = 1.0,
     fat_negatives: str = "all_centres",
     fat_k: int = 5,
     fat_shortlist_refresh: int = 100,
