@@ -19,7 +19,8 @@ trained again.
 
 Example (the ablation in ``benchmarks/README.md``; three demo runs with seeds 0–2)::
 
-    for s in 0 1 2; do fat-distill demo --direct --set run.seed=$s; done
+    for s in 0 1 2; do fat-distill demo --direct --set data.synth.seed=$s --set noise.seed=$s \\
+        --set teacher.train.seed=$s --set student.train.seed=$s; done
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_student.py --runs runs/demo-* \\
         --out benchmarks/results/student
 """
@@ -62,6 +63,10 @@ VARIANTS: dict[str, dict] = {
     "distilled:relabel:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "relabel_min_prob": 0.3},
     "distilled:relabel:prob0.7": {"method": "distilled", "flagged_rows": "relabel", "relabel_min_prob": 0.7},
     "distilled:teacher_labels": {"method": "distilled", "label_source": "teacher"},
+    "distilled:relabel:given1:batch5": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
+                                        "fat_negatives": "batch_hardest", "fat_k": 5},
+    "distilled:relabel:given1:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
+                                         "relabel_min_prob": 0.3},
 }
 DEFAULT_VARIANTS = ("ce_triplet", "filtered", "oracle", "distilled", "distilled:relabel", "distilled:drop",
                     "distilled:given1", "distilled:relabel:given1")
@@ -92,7 +97,11 @@ def run_inputs(run_dir: Path) -> dict:
 
 
 def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None) -> dict:
-    fields = {**inputs["student"], **(overrides or {}), **VARIANTS[variant]}
+    overrides = dict(overrides or {})
+    epochs = overrides.pop("train_epochs", None)
+    fields = {**inputs["student"], **overrides, **VARIANTS[variant]}
+    if epochs is not None:
+        fields["train"] = {**fields["train"], "epochs": epochs}
     config = StudentConfig.model_validate(fields)
     kwargs = {}
     if config.method == "distilled":
@@ -154,10 +163,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fat_distill_bench_student"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: each run's own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a student field for every variant, e.g. fat_cohesion_weight=1.0 (repeatable)")
     args = parser.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+    if args.epochs is not None:  # runs made only for their teacher can carry a cut-down student budget
+        overrides["train_epochs"] = args.epochs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
