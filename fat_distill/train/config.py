@@ -8,12 +8,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, model_serializer, model_validator
 
 from fat_distill.config_hash import HASH_CONTEXT_KEY
+from fat_distill.train.regimes import REGIME_FIELDS, Regime, Role, regime_default, regime_of
 
 #: Settings that change how fast images are fed, never what is trained: left out of every config hash,
 #: so changing them neither retrains a stage nor refuses to resume its checkpoints.
 INPUT_PIPELINE_FIELDS = frozenset({"num_workers", "cache", "cache_dir", "cache_memory_gb", "cache_disk_gb"})
-
-from fat_distill.train.regimes import REGIME_FIELDS, Regime, Role, regime_default, regime_of
 
 
 class TrainConfig(BaseModel):
