@@ -65,6 +65,11 @@ VARIANTS: dict[str, dict] = {
     "distilled:teacher_labels": {"method": "distilled", "label_source": "teacher"},
     "distilled:relabel:given1:batch5": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
                                         "fat_negatives": "batch_hardest", "fat_k": 5},
+    "distilled:bh": {"method": "distilled", "metric_term": "batch_hard"},
+    "distilled:relabel:given1:bh": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
+                                    "metric_term": "batch_hard"},
+    "distilled:drop:given1:bh": {"method": "distilled", "flagged_rows": "drop", "given_label_weight": 1.0,
+                                 "metric_term": "batch_hard"},
     "distilled:relabel:given1:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
                                          "relabel_min_prob": 0.3},
 }

@@ -257,6 +257,18 @@ def test_each_student_method_trains_and_evaluates(data, soft_labels, tmp_path, m
     assert (tmp_path / "plots" / f"cmc_{method}.png").stat().st_size > 0
 
 
+def test_distilled_student_with_the_batch_hard_metric_term_trains_on_soft_targets(data, soft_labels, tmp_path):
+    config = StudentConfig(train=tiny_train(epochs=2), method="distilled", metric_term="batch_hard",
+                           flagged_rows="relabel", given_label_weight=1.0)
+    assert config.objective == "ce_triplet"
+    assert config.training_hash() != config.model_copy(update={"metric_term": "fat"}).training_hash()
+    result = train_student(data["manifest"], config, tmp_path / "ckpt", "cpu", soft_labels_manifest=soft_labels)
+    terms = {k for h in result.history for k in h}
+    assert "metric" in terms and all(np.isfinite(h["loss"]) for h in result.history)
+    metrics_path = evaluate_student(data["manifest"], result.checkpoint, config, tmp_path / "metrics.parquet", "cpu")
+    assert 0.0 <= read_manifest(metrics_path, "metrics").set_index("metric")["value"]["mAP"] <= 1.0
+
+
 def test_student_resumes_and_refuses_mismatched_inputs(data, soft_labels, tmp_path):
     config = StudentConfig(train=tiny_train(), method="distilled", label_source="teacher")
     first = train_student(data["manifest"], config, tmp_path, "cpu", soft_labels_manifest=soft_labels)

@@ -86,6 +86,7 @@ class StudentConfig(Section):
     Methods:
         distilled: hybrid normalised FAT + soft cross-entropy on the teacher's soft
             labels; only confident samples build centres (needs a soft_labels manifest).
+            ``metric_term: batch_hard`` swaps FAT for the batch-hard triplet.
         ce: cross-entropy on the given labels (label-smoothed when ``smoothing > 0``).
         ce_triplet: label-smoothed CE + batch-hard triplet on the given labels
             (the Bag-of-Tricks ReID baseline).
@@ -108,6 +109,11 @@ class StudentConfig(Section):
     oracle_objective: Literal["fat_hybrid", "ce_triplet", "ce_msml", "ce_quadruplet"] = Field(
         "fat_hybrid", description="objective of the oracle; fat_hybrid isolates the effect of the labels "
                                   "from that of the loss when compared with 'distilled'")
+    metric_term: Literal["fat", "batch_hard"] = Field(
+        "fat", description="distilled: the metric term beside the soft cross-entropy: normalised FAT against "
+                           "centres of confident samples (the paper), or the batch-hard triplet on the hard labels "
+                           "(ce_triplet's term), to measure the student against the strongest clean objective; "
+                           "benchmarks/README.md, 'Clean-label objectives'")
     given_label_weight: float = Field(
         0.0, ge=0, le=1,
         description="distilled: weight w of the given label in a confident sample's CE target, "
@@ -169,6 +175,8 @@ class StudentConfig(Section):
         """The ``build_objective`` name this method trains with."""
         if self.method == "oracle":
             return self.oracle_objective
+        if self.method == "distilled" and self.metric_term == "batch_hard":
+            return "ce_triplet"
         return {"distilled": "fat_hybrid", "ce": "ce", "ce_triplet": "ce_triplet", "ce_msml": "ce_msml",
                 "ce_quadruplet": "ce_quadruplet", "fat_hybrid_noisy": "fat_hybrid", "filtered": "ce_triplet",
                 "cleanlab": "ce_triplet"}[self.method]

@@ -133,19 +133,25 @@ class MetricObjective(Objective):
     """Cross-entropy + an in-batch metric loss on the pre-BNNeck features.
 
     With ``BatchHardTripletLoss(0.3)`` this is the usual strong ReID baseline
-    (Bag of Tricks).
+    (Bag of Tricks). With ``soft=True`` the cross-entropy uses the teacher's soft
+    targets while the metric loss uses the hard labels (the distilled student with
+    ``metric_term: batch_hard``).
     """
 
     def __init__(self, samples: SampleTable, metric_loss: IdentityLoss, *, ce_weight: float = 1.0,
-                 smoothing: float = 0.1) -> None:
+                 smoothing: float = 0.1, soft: bool = False) -> None:
         super().__init__(samples)
+        if soft and not samples.has_soft:
+            raise ValueError("soft cross-entropy needs soft targets (a soft_labels manifest)")
         self.metric_loss = metric_loss
-        self.ce = LabelSmoothingCrossEntropy(smoothing)
+        self.soft = soft
+        self.ce: IdentityLoss = SoftTargetCrossEntropy() if soft else LabelSmoothingCrossEntropy(smoothing)
         self.ce_weight = ce_weight
 
     def compute_branch(self, name, output, labels, indices):
         metric = self.metric_loss.compute(output.features, labels)
-        ce = self.ce.compute(_require_logits(output, "cross-entropy"), labels)
+        logits = _require_logits(output, "cross-entropy")
+        ce = self.ce.compute(logits, self.samples.soft_targets(indices) if self.soft else labels)
         terms = {"metric": metric.loss.detach(), "ce": (self.ce_weight * ce.loss).detach()}
         return LossOutput(
             loss=metric.loss + self.ce_weight * ce.loss,
@@ -252,7 +258,8 @@ def build_objective(
 
     Args:
         name: ``ce`` (cross-entropy; ``target="soft"`` uses the soft labels),
-            ``ce_triplet`` (label-smoothed CE + batch-hard triplet),
+            ``ce_triplet`` (label-smoothed CE + batch-hard triplet; with ``target="soft"``
+            the CE uses the soft labels and the triplet the hard ones),
             ``ce_msml`` (label-smoothed CE + margin sample mining loss),
             ``ce_quadruplet`` (label-smoothed CE + hard-mined quadruplet loss) or
             ``fat_hybrid`` (normalised FAT + CE with ``target`` hard/smooth/soft).
@@ -272,7 +279,8 @@ def build_objective(
         return ClassificationObjective(samples, smoothing=smoothing if target == "smooth" else 0.0,
                                        soft=target == "soft")
     if name == "ce_triplet":
-        return MetricObjective(samples, BatchHardTripletLoss(triplet_margin), ce_weight=ce_weight, smoothing=smoothing)
+        return MetricObjective(samples, BatchHardTripletLoss(triplet_margin), ce_weight=ce_weight, smoothing=smoothing,
+                               soft=target == "soft")
     if name == "ce_msml":
         return MetricObjective(samples, MarginSampleMiningLoss(triplet_margin), ce_weight=ce_weight,
                                smoothing=smoothing)
