@@ -9,11 +9,15 @@ teacher round,
   (soft label / relabelled to the teacher's top-1 / dropped), the weight of the given
   label on confident rows, the FAT negatives;
 - the baselines a practitioner would use instead (``ce_triplet`` on every row,
-  ``filtered``: CE + batch-hard on the teacher's confident rows) and the ``oracle``,
+  ``filtered``: CE + batch-hard on the teacher's confident rows, ``cleanlab``: the same
+  on the rows confident learning keeps, its K fold models trained here with the run's
+  teacher settings unless the run has a cleanlab stage) and the ``oracle``,
 
 each with the run's own student training settings (model, image size, epochs, seed), and
 reports mAP / rank-1 as mean and min–max over the runs, plus per run the fraction of
-the mAP gap from the best non-oracle baseline to the oracle that each student closes.
+the mAP gap from the best non-oracle baseline to the oracle that each student closes,
+and the noise detection (precision / recall / F1 against the injected noise) of the final
+teacher round and, when the cleanlab peer runs, of cleanlab (``detection.csv``).
 Rows go to ``runs.csv`` under ``--out`` as they are measured; a row found there is not
 trained again.
 
@@ -38,19 +42,22 @@ import pandas as pd
 import torch
 import yaml
 
-from fat_distill.distill import StudentConfig, evaluate_student, train_student
+from fat_distill.distill import StudentConfig, TeacherConfig, evaluate_student, train_student
+from fat_distill.distill.cleanlab_baseline import CleanlabConfig, find_label_issues_manifest
 from fat_distill.manifests import read_manifest
 
 log = logging.getLogger("bench_student")
 
 RUNS_FILE = "runs.csv"
 SUMMARY_FILE = "summary.md"
-BASELINES = ("ce_triplet", "filtered")
+DETECTION_FILE = "detection.csv"
+BASELINES = ("ce_triplet", "filtered", "cleanlab")
 
 #: variant name → StudentConfig fields on top of the run's student section.
 VARIANTS: dict[str, dict] = {
     "ce_triplet": {"method": "ce_triplet"},
     "filtered": {"method": "filtered"},
+    "cleanlab": {"method": "cleanlab"},
     "oracle": {"method": "oracle"},
     "distilled": {"method": "distilled"},
     "distilled:relabel": {"method": "distilled", "flagged_rows": "relabel"},
@@ -98,10 +105,52 @@ def run_inputs(run_dir: Path) -> dict:
     missing = [name for name, path in inputs.items() if path is None or not Path(path).is_file()]
     if missing:
         raise SystemExit(f"{run_dir}: not a finished run, missing {', '.join(missing)}")
-    return {**inputs, "student": config["student"], "seed": config.get("run", {}).get("seed")}
+    own_issues = stages / "cleanlab" / "label_issues.parquet"
+    return {**inputs, "student": config["student"], "teacher": config["teacher"],
+            "cleanlab": config.get("cleanlab", {}), "label_issues": own_issues if own_issues.is_file() else None,
+            "seed": config.get("student", {}).get("train", {}).get("seed")}
 
 
-def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None) -> dict:
+def label_issues_for(inputs: dict, work: Path, folds: int) -> Path:
+    """The run's own cleanlab ``label_issues`` manifest, else one made here (K fold models with the run's teacher
+    training settings, kept under ``work`` so a second call reuses them)."""
+    if inputs["label_issues"] is not None:
+        return inputs["label_issues"]
+    config = CleanlabConfig.model_validate({**inputs["cleanlab"], "folds": folds})
+    return find_label_issues_manifest(inputs["dataset"], config, TeacherConfig.model_validate(inputs["teacher"]),
+                                      work / "cleanlab-filter", "cpu")
+
+
+def detection_scores(dataset: Path, flagged: pd.Series) -> dict:
+    """Precision / recall / F1 (%) of ``flagged`` (bool, by sample_id) against the injected noise."""
+    frame = read_manifest(dataset, "dataset").set_index("sample_id").loc[flagged.index]
+    if "noise_kind" in frame.columns and frame["noise_kind"].notna().all():
+        noisy = (frame["noise_kind"] != "clean").to_numpy()
+    else:
+        noisy = (frame["pid"] != frame["true_pid"]).to_numpy()
+    hit = flagged.to_numpy(dtype=bool)
+    tp = float((hit & noisy).sum())
+    precision = tp / hit.sum() if hit.sum() else math.nan
+    recall = tp / noisy.sum() if noisy.sum() else math.nan
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else math.nan
+    return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1, "flagged": int(hit.sum()),
+            "noisy": int(noisy.sum())}
+
+
+def detection_rows(run_name: str, inputs: dict, label_issues: Path | None) -> list[dict]:
+    """The final teacher round's and (when made) cleanlab's noise detection on one run."""
+    final = read_manifest(inputs["final_round"], "teacher_round").set_index("sample_id")
+    rows = [{"run": run_name, "detector": "teacher (final round)",
+             **detection_scores(inputs["dataset"], ~final["confident"].astype(bool))}]
+    if label_issues is not None:
+        issues = read_manifest(label_issues, "label_issues").set_index("sample_id")
+        rows.append({"run": run_name, "detector": "cleanlab", **detection_scores(inputs["dataset"],
+                                                                                 issues["flagged"].astype(bool))})
+    return rows
+
+
+def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None,
+                cleanlab_folds: int = 3) -> dict:
     overrides = dict(overrides or {})
     epochs = overrides.pop("train_epochs", None)
     fields = {**inputs["student"], **overrides, **VARIANTS[variant]}
@@ -113,6 +162,8 @@ def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None =
         kwargs["soft_labels_manifest"] = inputs["soft_labels"]
     if config.method == "filtered":
         kwargs["rows_manifest"] = inputs["final_round"]
+    if config.method == "cleanlab":
+        kwargs["rows_manifest"] = label_issues_for(inputs, work, cleanlab_folds)
     out_dir = work / variant.replace(":", "-")
     started = time.perf_counter()
     result = train_student(inputs["dataset"], config, out_dir, "cpu", **kwargs)
@@ -169,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: each run's own)")
+    parser.add_argument("--cleanlab-folds", type=int, default=3,
+                        help="K of the cleanlab peer's fold models when a run has no cleanlab stage of its own")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a student field for every variant, e.g. fat_cohesion_weight=1.0 (repeatable)")
     args = parser.parse_args(argv)
@@ -180,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     runs_path = args.out / RUNS_FILE
     started = time.perf_counter()
+    detection: list[dict] = []
     for run_dir in [r for r in args.runs if not r.is_symlink()]:
         inputs = run_inputs(run_dir)
         for variant in args.variants:
@@ -187,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             if table is not None and ((table["run"] == run_dir.name) & (table["variant"] == variant)).any():
                 continue
             row = {"run": run_dir.name, "seed": inputs["seed"], "variant": variant,
-                   **run_variant(inputs, variant, args.work_dir / run_dir.name, overrides)}
+                   **run_variant(inputs, variant, args.work_dir / run_dir.name, overrides, args.cleanlab_folds)}
             log.info("%s %s: mAP %.1f (%.0f s)", run_dir.name, variant, 100 * row["mAP"], row["train_seconds"])
             frame = pd.DataFrame([row])
             if runs_path.is_file():
@@ -195,8 +249,19 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             tmp = runs_path.with_suffix(".tmp")
             frame.to_csv(tmp, index=False, float_format="%.4f")
             tmp.replace(runs_path)
+        issues = (label_issues_for(inputs, args.work_dir / run_dir.name, args.cleanlab_folds)
+                  if "cleanlab" in args.variants else None)
+        detection.extend(detection_rows(run_dir.name, inputs, issues))
     runs = pd.read_csv(runs_path)
     text = summarise(runs)
+    if detection:
+        table = pd.DataFrame(detection)
+        table.to_csv(args.out / DETECTION_FILE, index=False, float_format="%.2f")
+        text += "\nNoise detection against the injected noise (%, mean [min, max] over runs):\n\n"
+        text += "| detector | runs | precision | recall | F1 |\n|---|---:|---|---|---|\n"
+        for detector, g in table.groupby("detector", sort=False):
+            text += (f"| {detector} | {len(g)} | " + " | ".join(_mean_range(g[c] / 100)
+                                                               for c in ("precision", "recall", "f1")) + " |\n")
     (args.out / SUMMARY_FILE).write_text(text)
     print(text)
     log.info("bench_student: finished in %.0f s", time.perf_counter() - started)

@@ -36,12 +36,17 @@ def test_variants_train_on_a_finished_run(bench, tmp_path):
     config = validate_config(PipelineConfig, tiny_config(tmp_path, baselines=[]))
     run_id, _ = run_direct(config)
     out = tmp_path / "out"
-    argv = ["--runs", str(tmp_path / "runs" / run_id), "--variants", "ce_triplet", "filtered", "distilled:relabel",
-            "--epochs", "1", "--set", "fat_cohesion_weight=1.0", "--work-dir", str(tmp_path / "work"),
-            "--out", str(out)]
+    argv = ["--runs", str(tmp_path / "runs" / run_id), "--variants", "ce_triplet", "filtered", "cleanlab",
+            "distilled:relabel:given1:bh", "--epochs", "1", "--cleanlab-folds", "2",
+            "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     runs = bench.main(argv)
-    assert list(runs["variant"]) == ["ce_triplet", "filtered", "distilled:relabel"]
+    assert list(runs["variant"]) == ["ce_triplet", "filtered", "cleanlab", "distilled:relabel:given1:bh"]
     assert runs["mAP"].between(0, 1).all()
-    assert "| distilled:relabel | 1 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| distilled:relabel:given1:bh | 1 |" in summary
+    detection = pd.read_csv(out / "detection.csv")
+    assert list(detection["detector"]) == ["teacher (final round)", "cleanlab"]
+    assert detection["noisy"].gt(0).all() and detection["recall"].between(0, 100).all()
+    assert "| cleanlab | 1 |" in summary.split("Noise detection")[1]
     bench.main(argv)  # every row is there: nothing is trained again
-    assert len(pd.read_csv(out / "runs.csv")) == 3
+    assert len(pd.read_csv(out / "runs.csv")) == 4

@@ -179,7 +179,8 @@ def mix_given_label(ids: torch.Tensor, probs: torch.Tensor, given: np.ndarray, c
         ``(N, k+1)`` ids and probs; the given label is prepended (duplicates add up when made dense).
     """
     w = torch.where(confident, torch.tensor(float(weight)), torch.tensor(0.0)).to(probs.dtype)
-    given_ids = torch.as_tensor(given, dtype=ids.dtype).unsqueeze(1)
+    # np.array copies: a frame's column array can be read-only, which torch.from_numpy warns about
+    given_ids = torch.from_numpy(np.array(given, dtype=np.int64)).to(ids.dtype).unsqueeze(1)
     mixed_ids = torch.cat([given_ids, ids], dim=1)
     mixed_probs = torch.cat([w.unsqueeze(1), probs * (1 - w).unsqueeze(1)], dim=1)
     return mixed_ids, mixed_probs
