@@ -259,7 +259,7 @@ def test_each_student_method_trains_and_evaluates(data, soft_labels, tmp_path, m
 
 def test_distilled_student_with_the_batch_hard_metric_term_trains_on_soft_targets(data, soft_labels, tmp_path):
     config = StudentConfig(train=tiny_train(epochs=2), method="distilled", metric_term="batch_hard",
-                           flagged_rows="relabel", given_label_weight=1.0)
+                           flagged_rows="relabel", given_label_weight=1.0, soft_smoothing=0.1)
     assert config.objective == "ce_triplet"
     assert config.training_hash() != config.model_copy(update={"metric_term": "fat"}).training_hash()
     result = train_student(data["manifest"], config, tmp_path / "ckpt", "cpu", soft_labels_manifest=soft_labels)

@@ -252,6 +252,29 @@ def test_soft_target_cross_entropy_dense_sparse_and_padding():
         loss_fn.compute(logits, -dense)
 
 
+@pytest.mark.parametrize("epsilon", [0.1, 0.3])
+def test_smoothed_soft_targets_match_loops_and_one_hot_equals_label_smoothing(epsilon):
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(5, 4, generator=generator, dtype=torch.float64), dim=1)
+    out = SoftTargetCrossEntropy(smoothing=epsilon).compute(logits, q)
+    loops = sum(-((1 - epsilon) * q[i, c] + epsilon / 4) * torch.log_softmax(logits[i], 0)[c]
+                for i in range(5) for c in range(4)) / 5
+    torch.testing.assert_close(out.loss, loops)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    (loops_grad,) = torch.autograd.grad(loops, logits)
+    torch.testing.assert_close(grad, loops_grad)
+    # a one-hot soft target smoothed by epsilon is label smoothing of that label
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    one_hot = torch.nn.functional.one_hot(labels, 4).double()
+    torch.testing.assert_close(SoftTargetCrossEntropy(smoothing=epsilon).compute(logits, one_hot).loss,
+                               LabelSmoothingCrossEntropy(epsilon).compute(logits, labels).loss)
+    # accuracy still compares with the unsmoothed target's arg-max
+    assert out.stats["accuracy"] == (logits.argmax(1) == q.argmax(1)).float().mean()
+    with pytest.raises(ValueError, match="smoothing"):
+        SoftTargetCrossEntropy(smoothing=1.0)
+
+
 # ---------------------------------------------------------------- edge cases for every embedding loss
 
 EMBEDDING_LOSSES = {

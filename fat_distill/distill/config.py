@@ -132,6 +132,9 @@ class StudentConfig(Section):
                                      "row needs to be relabelled instead of dropped")
     ce_weight: float = Field(1.0, ge=0, description="λ_ce of the hybrid and ce_triplet losses")
     smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of hard-label cross-entropy")
+    soft_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="distilled: label smoothing of the soft CE target, (1−ε)·q + ε/C; 0 = the "
+                                     "teacher's soft label (mixed with the given label) as it is")
     fat_margin: float = Field(0.1, gt=0, description="margin of normalised FAT")
     fat_aggregation: Literal["hardest", "mean", "topk"] = "hardest"
     fat_cohesion: Literal["max_radius", "mean"] = "mean"

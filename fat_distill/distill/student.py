@@ -288,7 +288,8 @@ def _student_setup(train: pd.DataFrame, root: Path, label_column: str, label_map
     objective = build_objective(
         config.objective, model=model, num_classes=data.num_classes, num_samples=len(data.dataset),
         image_size=tuple(config.train.image_size), soft_ids=soft_ids, soft_probs=soft_probs, confident=confident,
-        smoothing=config.smoothing, ce_weight=config.ce_weight, triplet_margin=config.triplet_margin,
+        smoothing=config.smoothing, soft_smoothing=config.soft_smoothing, ce_weight=config.ce_weight,
+        triplet_margin=config.triplet_margin,
         fat_margin=config.fat_margin, fat_aggregation=config.fat_aggregation, fat_cohesion=config.fat_cohesion,
         fat_cohesion_weight=config.fat_cohesion_weight, fat_negatives=config.fat_negatives, fat_k=config.fat_k,
         fat_shortlist_refresh=config.fat_shortlist_refresh, centre_update=config.centre_update,

@@ -136,17 +136,22 @@ class SoftTargetCrossEntropy(IdentityLoss):
         renormalize: rescale each target row to sum to 1. Top-k sparse targets
             drop the tail mass, which would otherwise shrink the loss scale by a
             sample-dependent factor. A row with zero mass is an error.
+        smoothing: epsilon in ``[0, 1)``: the target becomes ``(1 - smoothing) * q + smoothing / C``
+            (after renormalising), label smoothing applied to a soft target; 0 keeps ``q``.
 
     Output: ``per_sample`` is each sample's cross-entropy; ``terms`` ``{"ce"}``;
     ``stats`` ``{"accuracy"}`` (argmax of logits == argmax of target).
     """
 
-    def __init__(self, renormalize: bool = True) -> None:
+    def __init__(self, renormalize: bool = True, smoothing: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"SoftTargetCrossEntropy: smoothing must be in [0, 1), got {smoothing}")
         self.renormalize = renormalize
+        self.smoothing = float(smoothing)
 
     def extra_repr(self) -> str:
-        return f"renormalize={self.renormalize}"
+        return f"renormalize={self.renormalize}, smoothing={self.smoothing}"
 
     def compute(self, logits: Tensor, soft_targets: SoftTargets) -> LossOutput:
         """Args:
@@ -169,6 +174,9 @@ class SoftTargetCrossEntropy(IdentityLoss):
                     "every sample needs at least one positive target probability"
                 )
             targets = targets / mass
+        predicted = targets.argmax(dim=1)
+        if self.smoothing > 0:
+            targets = (1 - self.smoothing) * targets + self.smoothing / targets.shape[1]
         log_probs = F.log_softmax(logits, dim=1)
         per_sample = -(targets * log_probs).sum(dim=1)
-        return _ce_output(per_sample, log_probs, targets.argmax(dim=1), "ce")
+        return _ce_output(per_sample, log_probs, predicted, "ce")

@@ -28,6 +28,7 @@ class HybridFATLoss(IdentityLoss):
         target: ``"hard"`` one-hot labels, ``"smooth"`` label-smoothed labels, or
             ``"soft"`` teacher probabilities passed as ``soft_targets``.
         smoothing: epsilon for ``target="smooth"``.
+        soft_smoothing: epsilon of label smoothing on the soft targets (``target="soft"``; 0 = as given).
 
     Output: ``per_sample`` is ``p2s(i) + ce_weight * ce(i)``; ``terms`` are
     ``{"p2s", "cohesion", "ce"}`` (weighted, summing to the loss);
@@ -40,6 +41,7 @@ class HybridFATLoss(IdentityLoss):
         ce_weight: float = 1.0,
         target: Literal["hard", "smooth", "soft"] = "hard",
         smoothing: float = 0.1,
+        soft_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(fat, FATLoss):
@@ -53,7 +55,7 @@ class HybridFATLoss(IdentityLoss):
         self.target = target
         self.smoothing = float(smoothing)
         if target == "soft":
-            self.cross_entropy: IdentityLoss = SoftTargetCrossEntropy()
+            self.cross_entropy: IdentityLoss = SoftTargetCrossEntropy(smoothing=soft_smoothing)
         else:
             self.cross_entropy = LabelSmoothingCrossEntropy(smoothing if target == "smooth" else 0.0)
 

@@ -115,12 +115,14 @@ class ClassificationObjective(Objective):
     This is the teacher's objective (hard labels) and the "CE only" baseline.
     """
 
-    def __init__(self, samples: SampleTable, *, smoothing: float = 0.0, soft: bool = False) -> None:
+    def __init__(self, samples: SampleTable, *, smoothing: float = 0.0, soft: bool = False,
+                 soft_smoothing: float = 0.0) -> None:
         super().__init__(samples)
         if soft and not samples.has_soft:
             raise ValueError("soft cross-entropy needs soft targets (a soft_labels manifest)")
         self.soft = soft
-        self.ce: IdentityLoss = SoftTargetCrossEntropy() if soft else LabelSmoothingCrossEntropy(smoothing)
+        self.ce: IdentityLoss = (SoftTargetCrossEntropy(smoothing=soft_smoothing) if soft
+                                 else LabelSmoothingCrossEntropy(smoothing))
 
     def compute_branch(self, name, output, labels, indices):
         logits = _require_logits(output, "cross-entropy")
@@ -139,13 +141,14 @@ class MetricObjective(Objective):
     """
 
     def __init__(self, samples: SampleTable, metric_loss: IdentityLoss, *, ce_weight: float = 1.0,
-                 smoothing: float = 0.1, soft: bool = False) -> None:
+                 smoothing: float = 0.1, soft: bool = False, soft_smoothing: float = 0.0) -> None:
         super().__init__(samples)
         if soft and not samples.has_soft:
             raise ValueError("soft cross-entropy needs soft targets (a soft_labels manifest)")
         self.metric_loss = metric_loss
         self.soft = soft
-        self.ce: IdentityLoss = SoftTargetCrossEntropy() if soft else LabelSmoothingCrossEntropy(smoothing)
+        self.ce: IdentityLoss = (SoftTargetCrossEntropy(smoothing=soft_smoothing) if soft
+                                 else LabelSmoothingCrossEntropy(smoothing))
         self.ce_weight = ce_weight
 
     def compute_branch(self, name, output, labels, indices):
@@ -178,12 +181,13 @@ class FATObjective(Objective):
 
     def __init__(self, samples: SampleTable, fat: FATLoss, *, num_classes: int, branch_dims: dict[str, int],
                  ce_weight: float = 1.0, target: Literal["hard", "smooth", "soft"] = "hard",
-                 smoothing: float = 0.1, centre_update: Literal["ema", "epoch"] = "ema",
+                 smoothing: float = 0.1, soft_smoothing: float = 0.0, centre_update: Literal["ema", "epoch"] = "ema",
                  momentum: float = 0.9, shortlist_refresh: int = 100) -> None:
         super().__init__(samples)
         if target == "soft" and not samples.has_soft:
             raise ValueError("target='soft' needs soft targets (a soft_labels manifest)")
-        self.hybrid = HybridFATLoss(fat, ce_weight=ce_weight, target=target, smoothing=smoothing)
+        self.hybrid = HybridFATLoss(fat, ce_weight=ce_weight, target=target, smoothing=smoothing,
+                                    soft_smoothing=soft_smoothing)
         self.centre_update = centre_update
         self.needs_feature_pass = centre_update == "epoch"
         self.banks = nn.ModuleDict({
@@ -241,6 +245,7 @@ def build_objective(
     soft_probs: Tensor | None = None,
     confident: Tensor | None = None,
     smoothing: float = 0.1,
+    soft_smoothing: float = 0.0,
     ce_weight: float = 1.0,
     triplet_margin: float | str = 0.3,
     fat_margin: float = 0.1,
@@ -266,6 +271,7 @@ def build_objective(
         triplet_margin: the metric loss's margin for ``ce_triplet``, ``ce_msml``
             (both also take ``"soft"``) and ``ce_quadruplet`` (its triplet margin; the
             negative-pair margin is half of it).
+        soft_smoothing: label smoothing of the soft targets (``target="soft"``).
         soft_ids / soft_probs: ``(N, k)`` teacher top-k class indices and probabilities, by dataset index.
         confident: ``(N,)`` bool, by dataset index: which samples build centres.
         fat_negatives / fat_k: ``fat_hybrid``'s negative set (``all_centres``,
@@ -277,10 +283,10 @@ def build_objective(
     samples = SampleTable(num_samples, soft_ids, soft_probs, confident)
     if name == "ce":
         return ClassificationObjective(samples, smoothing=smoothing if target == "smooth" else 0.0,
-                                       soft=target == "soft")
+                                       soft=target == "soft", soft_smoothing=soft_smoothing)
     if name == "ce_triplet":
         return MetricObjective(samples, BatchHardTripletLoss(triplet_margin), ce_weight=ce_weight, smoothing=smoothing,
-                               soft=target == "soft")
+                               soft=target == "soft", soft_smoothing=soft_smoothing)
     if name == "ce_msml":
         return MetricObjective(samples, MarginSampleMiningLoss(triplet_margin), ce_weight=ce_weight,
                                smoothing=smoothing)
@@ -293,7 +299,7 @@ def build_objective(
         fat = FATLoss.normalised(margin=fat_margin, aggregation=fat_aggregation, cohesion=fat_cohesion,
                                  cohesion_weight=fat_cohesion_weight, negatives=fat_negatives, k=fat_k)
         return FATObjective(samples, fat, num_classes=num_classes, branch_dims=branch_dims(model, image_size),
-                            ce_weight=ce_weight, target=target, smoothing=smoothing,
+                            ce_weight=ce_weight, target=target, smoothing=smoothing, soft_smoothing=soft_smoothing,
                             centre_update=centre_update, momentum=centre_momentum,
                             shortlist_refresh=fat_shortlist_refresh)
     raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
