@@ -97,6 +97,9 @@ def test_process_deployments_run_in_the_deployed_project_and_docker_ones_in_app(
             assert args["directory"] == "{{ $PWD }}"  # filled in by `prefect deploy`
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     assert compose["services"]["worker"]["environment"]["FAT_DISTILL_PROJECT_DIR"] == "/app"
+    # device limits are named by host: the worker's host comes from the env file, which documents it
+    assert "FAT_DISTILL_HOST" in compose["services"]["worker"]["environment"]
+    assert "FAT_DISTILL_HOST=" in (ROOT / "docker" / "env.example").read_text()
 
 
 def test_the_pull_step_enters_the_project_folder_or_the_one_the_worker_names(tmp_path, monkeypatch):
