@@ -119,14 +119,14 @@ def run_inputs(run_dir: Path) -> dict:
             "seed": config.get("student", {}).get("train", {}).get("seed")}
 
 
-def label_issues_for(inputs: dict, work: Path, folds: int) -> Path:
+def label_issues_for(inputs: dict, work: Path, folds: int | None = None) -> Path:
     """The run's own cleanlab ``label_issues`` manifest, else one made here (K fold models with the run's teacher
-    training settings, kept under ``work`` so a second call reuses them)."""
-    if inputs["label_issues"] is not None:
+    training settings, K = ``folds`` or the run's ``cleanlab.folds``; kept under ``work`` for the next call)."""
+    if inputs["label_issues"] is not None and folds is None:
         return inputs["label_issues"]
-    config = CleanlabConfig.model_validate({**inputs["cleanlab"], "folds": folds})
+    config = CleanlabConfig.model_validate({**inputs["cleanlab"], **({"folds": folds} if folds else {})})
     return find_label_issues_manifest(inputs["dataset"], config, TeacherConfig.model_validate(inputs["teacher"]),
-                                      work / "cleanlab-filter", "cpu")
+                                      work / f"cleanlab-filter-k{config.folds}", "cpu")
 
 
 def detection_scores(dataset: Path, flagged: pd.Series) -> dict:
@@ -158,7 +158,7 @@ def detection_rows(run_name: str, inputs: dict, label_issues: Path | None) -> li
 
 
 def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None,
-                cleanlab_folds: int = 3) -> dict:
+                cleanlab_folds: int | None = None) -> dict:
     overrides = dict(overrides or {})
     epochs = overrides.pop("train_epochs", None)
     fields = {**inputs["student"], **overrides, **VARIANTS[variant]}
@@ -228,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: each run's own)")
-    parser.add_argument("--cleanlab-folds", type=int, default=3,
-                        help="K of the cleanlab peer's fold models when a run has no cleanlab stage of its own")
+    parser.add_argument("--cleanlab-folds", type=int, default=None,
+                        help="K of the cleanlab peer's fold models (default: the run's cleanlab.folds, cleanlab's 5; "
+                             "a run's own cleanlab stage is used when this is not given)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a student field for every variant, e.g. fat_cohesion_weight=1.0 (repeatable)")
     args = parser.parse_args(argv)
