@@ -85,6 +85,10 @@ VARIANTS: dict[str, dict] = {
     "distilled:drop:given1:smooth": {"method": "distilled", "flagged_rows": "drop", "given_label_weight": 1.0,
                                      "soft_smoothing": 0.1},
     "distilled:smooth": {"method": "distilled", "soft_smoothing": 0.1},
+    "distilled:batch5": {"method": "distilled", "fat_negatives": "batch_hardest", "fat_k": 5},
+    "distilled:relabel:given1:batch5:smooth": {"method": "distilled", "flagged_rows": "relabel",
+                                               "given_label_weight": 1.0, "fat_negatives": "batch_hardest",
+                                               "fat_k": 5, "soft_smoothing": 0.1},
     "distilled:relabel:given1:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
                                          "relabel_min_prob": 0.3},
 }

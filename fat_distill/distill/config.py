@@ -143,9 +143,11 @@ class StudentConfig(Section):
                                "its raw-feature value); measured on clean labels in benchmarks/README.md, "
                                "'Clean-label objectives'")
     fat_negatives: Literal["all_centres", "centre_shortlist", "batch_hardest"] = Field(
-        "all_centres", description="FAT's negatives: every other centre (exact); the fat_k centres nearest to the "
-                                   "sample's own centre (a short list, O(B·k·D) a step); or the fat_k nearest "
-                                   "in-batch samples of other identities (the reference code's default)")
+        "batch_hardest", description="FAT's negatives: the fat_k nearest in-batch samples of other identities (the "
+                                     "reference code's default; with cohesion 1.0 the strongest on clean labels in "
+                                     "benchmarks/README.md, 'Clean-label objectives'); every other centre "
+                                     "(all_centres, exact); or the fat_k centres nearest to the sample's own centre "
+                                     "(centre_shortlist, O(B·k·D) a step, for very many identities)")
     fat_k: int = Field(5, ge=1, description="negatives per sample for centre_shortlist / batch_hardest, "
                                             "and the k of fat_aggregation topk")
     fat_shortlist_refresh: int = Field(
