@@ -48,10 +48,11 @@ RUNS_FILE = "runs.csv"
 SUMMARY_FILE = "summary.md"
 PEER = "ce_triplet"
 
-#: variant name → (method, StudentConfig fields). Every FAT variant names its cohesion weight: the default changed
-#: from 0.1 to 1.0 by this study, and rows measured before must keep meaning what they meant. Names without
-#: ``cohesion`` are at λ_coh 0.1 (the old default); ``fat_cohesion1`` is the current default.
-_OLD = {"fat_cohesion_weight": 0.1}
+#: variant name → (method, StudentConfig fields). Every FAT variant pins the settings this study changed (the
+#: cohesion weight 0.1 → 1.0, the negatives all_centres → batch_hardest), so a row keeps meaning what it meant
+#: when it was measured: names without ``cohesion`` are at λ_coh 0.1, names without ``batch``/``shortlist`` use
+#: every centre as negatives. ``fat_batch5_cohesion1`` is the current default.
+_OLD = {"fat_cohesion_weight": 0.1, "fat_negatives": "all_centres"}
 VARIANTS: dict[str, tuple[str, dict]] = {
     PEER: ("ce_triplet", {}),
     "fat": ("fat_hybrid_noisy", {**_OLD}),
@@ -59,7 +60,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fat_batch5": ("fat_hybrid_noisy", {**_OLD, "fat_negatives": "batch_hardest", "fat_k": 5}),
     "fat_batch5_mean": ("fat_hybrid_noisy", {**_OLD, "fat_negatives": "batch_hardest", "fat_k": 5,
                                              "fat_aggregation": "mean"}),
-    "fat_cohesion1": ("fat_hybrid_noisy", {"fat_cohesion_weight": 1.0}),
+    "fat_cohesion1": ("fat_hybrid_noisy", {**_OLD, "fat_cohesion_weight": 1.0}),
     "fat_epoch_centres": ("fat_hybrid_noisy", {**_OLD, "centre_update": "epoch"}),
     "fat_margin0.3": ("fat_hybrid_noisy", {**_OLD, "fat_margin": 0.3}),
     "fat_margin0.05": ("fat_hybrid_noisy", {**_OLD, "fat_margin": 0.05}),

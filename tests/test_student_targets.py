@@ -22,7 +22,7 @@ def test_confident_rows_get_weighted_given_label_others_keep_soft():
     torch.testing.assert_close(dense.sum(1), torch.ones(2))
 
 
-def test_weight_one_is_the_hard_label():
+def test_weight_one_is_the_given_label():
     ids = torch.tensor([[1, 2]])
     probs = torch.tensor([[0.6, 0.4]])
     mixed = mix_given_label(ids, probs, np.array([2]), torch.tensor([True]), 1.0)
@@ -60,5 +60,5 @@ def test_flagged_rows_are_relabelled_when_the_teacher_is_sure_else_dropped(tmp_p
     rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig(flagged_rows="drop"))
     assert list(rows["sample_id"]) == ["a"] and confident.tolist() == [True]
 
-    rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig())
+    rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig(flagged_rows="soft"))
     assert column == "pid" and len(rows) == 4 and confident.tolist() == [True, False, False, False]
