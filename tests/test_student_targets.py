@@ -52,7 +52,7 @@ def test_flagged_rows_are_relabelled_when_the_teacher_is_sure_else_dropped(tmp_p
     path, train, label_map = _soft_labels(tmp_path)
     # b: flagged, teacher 0.8 on pid 2 → relabel; c: 0.3 → drop; d: teacher agrees with the given label → drop.
     rows, ids, probs, confident, column = distilled_targets(
-        path, train, label_map, StudentConfig(flagged_rows="relabel", relabel_min_prob=0.5))
+        path, train, label_map, StudentConfig(flagged_rows="relabel", relabel_min_prob=0.5, given_label_weight=0.0))
     assert list(rows["sample_id"]) == ["a", "b"] and list(rows[column]) == [1, 2]
     assert confident.tolist() == [True, False]  # a relabelled row builds no centre
     assert ids.shape[0] == probs.shape[0] == 2 and ids[1, 0] == label_map[2]
