@@ -53,6 +53,10 @@ HANDOVER_SECONDS = 5.0
 # How long one try to take a slot waits on the server; tries repeat every POLL_SECONDS. Short, because it
 # holds the folder's slot lock, which the holder needs to give its slot back.
 TAKE_TIMEOUT_SECONDS = 1
+# A try that timed out while the limit shows a free slot met a slow server (a loaded machine's SQLite write
+# is answered 503 after seconds), not a busy device: it is tried again, this long, so a slow server never
+# makes a free device look taken (a stage then went to the other device, or waited for it).
+SLOW_SERVER_TAKE_SECONDS = 30
 
 
 def expand_devices(devices: list[str]) -> list[str]:
@@ -313,9 +317,12 @@ class DevicePool:
                 if self._registry is not None:  # recorded first: a kill then leaves a record, never a lost slot
                     self._registry.add(name)
                 try:
-                    ctx = concurrency(name, occupy=1, timeout_seconds=TAKE_TIMEOUT_SECONDS, strict=True,
-                                      lease_duration=LEASE_SECONDS)
-                    ctx.__enter__()
+                    try:
+                        ctx = self._enter_limit(name, TAKE_TIMEOUT_SECONDS)
+                    except TimeoutError:
+                        if not self._has_free_slot(name):
+                            raise
+                        ctx = self._enter_limit(name, SLOW_SERVER_TAKE_SECONDS)
                 except BaseException:
                     if self._registry is not None:
                         self._registry.remove(name)
@@ -323,6 +330,25 @@ class DevicePool:
             return ctx
 
         return self._server_calls.submit(enter).result()
+
+    @staticmethod
+    def _enter_limit(name: str, timeout_seconds: float) -> Any:
+        """One slot of the Prefect limit ``name``, entered (the caller exits it to give the slot back)."""
+        ctx = concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True,
+                          lease_duration=LEASE_SECONDS)
+        ctx.__enter__()
+        return ctx
+
+    @staticmethod
+    def _has_free_slot(name: str) -> bool:
+        """Whether the server's limit ``name`` has a slot no one holds (False when it cannot be read)."""
+        try:
+            with get_client(sync_client=True) as client:
+                limit = client.read_global_concurrency_limit_by_name(name)
+        except Exception as exc:  # noqa: BLE001 - treated as busy: the caller's retry loop asks again
+            log.debug("device pool: reading %s failed: %s", name, exc)
+            return False
+        return limit.active_slots < limit.limit
 
     def _park_slot(self, index: int, ctx: Any) -> None:
         """Keep a stage's Prefect slot for ``HANDOVER_SECONDS`` before giving it back to the server."""
