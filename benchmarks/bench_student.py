@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict] = {
     "cleanlab": {"method": "cleanlab"},
     "oracle": {"method": "oracle"},
     "distilled": {"method": "distilled"},
+    # the paper's recipe (the defaults before the ablation): soft labels on every row, exact all-centre FAT
+    "distilled:paper": {"method": "distilled", "flagged_rows": "soft", "given_label_weight": 0.0,
+                        "fat_negatives": "all_centres"},
     "distilled:relabel": {"method": "distilled", "flagged_rows": "relabel"},
     "distilled:drop": {"method": "distilled", "flagged_rows": "drop"},
     "distilled:given1": {"method": "distilled", "given_label_weight": 1.0},

@@ -363,7 +363,8 @@ def test_build_objective_wires_the_negative_set_into_loss_and_banks():
     default = build_objective("fat_hybrid", model=model, num_classes=4, num_samples=10, image_size=(32, 16))
     assert default.hybrid.fat.negatives == "all_centres" and default.bank("").shortlist_k == 0
     config = StudentConfig()
-    assert (config.fat_negatives, config.fat_k, config.fat_shortlist_refresh) == ("all_centres", 5, 100)
+    # the pipeline's student defaults to the reference code's negatives (measured; the loss itself is exact)
+    assert (config.fat_negatives, config.fat_k, config.fat_shortlist_refresh) == ("batch_hardest", 5, 100)
     with pytest.raises(ValueError, match="fat_negatives"):
         StudentConfig(fat_negatives="nearest")
 

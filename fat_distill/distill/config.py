@@ -115,20 +115,20 @@ class StudentConfig(Section):
                            "(ce_triplet's term), to measure the student against the strongest clean objective; "
                            "benchmarks/README.md, 'Clean-label objectives'")
     given_label_weight: float = Field(
-        0.0, ge=0, le=1,
+        1.0, ge=0, le=1,
         description="distilled: weight w of the given label in a confident sample's CE target, "
                     "w·one-hot(given) + (1−w)·teacher soft label; 0 = the teacher's soft label alone (the paper); "
-                    "1 = the label the teacher confirmed (better in benchmarks/README.md, 'Student ablation'). "
+                    "1 (measured: benchmarks/README.md, 'Student ablation') = the label the teacher confirmed. "
                     "Samples the teacher did not trust always get the soft label alone.")
     label_source: Literal["given", "teacher"] = Field(
         "given", description="distilled: the hard label FAT and the P×K sampler use: the given label, or "
                              "the teacher's most probable identity (top-1 soft label)")
     flagged_rows: Literal["soft", "relabel", "drop"] = Field(
-        "soft", description="distilled: what the student does with the rows the teacher flagged: train on all of "
-                            "them with the soft label, their hard label staying the given one (the paper); relabel "
-                            "them to the teacher's top-1 identity when its probability is >= relabel_min_prob, "
-                            "trained on with their soft label, and drop the rest (the rule of `fat-distill labels "
-                            "export`; better in benchmarks/README.md, 'Student ablation'); or drop them all")
+        "relabel", description="distilled: what the student does with the rows the teacher flagged: relabel them to "
+                               "the teacher's top-1 identity when its probability is >= relabel_min_prob, trained on "
+                               "with their soft label, and drop the rest (the rule of `fat-distill labels export`; "
+                               "measured: benchmarks/README.md, 'Student ablation'); train on all of them with the "
+                               "soft label, their hard label staying the given one (soft, the paper); or drop them")
     relabel_min_prob: float = Field(
         0.5, ge=0, le=1, description="distilled with flagged_rows: relabel: the teacher's top-1 probability a flagged "
                                      "row needs to be relabelled instead of dropped")
@@ -145,11 +145,11 @@ class StudentConfig(Section):
                                "its raw-feature value); measured on clean labels in benchmarks/README.md, "
                                "'Clean-label objectives'")
     fat_negatives: Literal["all_centres", "centre_shortlist", "batch_hardest"] = Field(
-        "all_centres", description="FAT's negatives: every other centre (exact); the fat_k nearest in-batch samples "
-                                   "of other identities (batch_hardest, the reference code's default; with cohesion "
-                                   "1.0 the strongest on clean labels in benchmarks/README.md, 'Clean-label "
-                                   "objectives'); or the fat_k centres nearest to the sample's own centre "
-                                   "(centre_shortlist, O(B·k·D) a step, for very many identities)")
+        "batch_hardest", description="FAT's negatives: the fat_k nearest in-batch samples of other identities (the "
+                                     "reference code's default; with cohesion 1.0 the strongest on clean labels in "
+                                     "benchmarks/README.md, 'Clean-label objectives'); every other centre "
+                                     "(all_centres, exact); or the fat_k centres nearest to the sample's own centre "
+                                     "(centre_shortlist, O(B·k·D) a step, for very many identities)")
     fat_k: int = Field(5, ge=1, description="negatives per sample for centre_shortlist / batch_hardest, "
                                             "and the k of fat_aggregation topk")
     fat_shortlist_refresh: int = Field(
