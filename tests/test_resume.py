@@ -221,9 +221,10 @@ def test_signal_cancels_then_resume_matches_uninterrupted_run(tmp_path, referenc
 
 def test_second_ctrl_c_exits_at_once(tmp_path):
     """A second Ctrl-C does not wait for the next batch: the process exits at once with 130 (resumable as
-    after a kill). The first one lands while the data stage synthesises images (no batch boundary there)."""
+    after a kill). The first one lands while the data stage synthesises images (no batch boundary there; 4,000
+    identities outlast the two signals on a loaded machine)."""
     runs_root = tmp_path / "runs"
-    cmd = [FAT_DISTILL, "run", str(write_config(tmp_path)), "--direct", "--set", "data.synth.identities=400"]
+    cmd = [FAT_DISTILL, "run", str(write_config(tmp_path)), "--direct", "--set", "data.synth.identities=4000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PREFECT_HOME": str(tmp_path / "home")})
     try:
