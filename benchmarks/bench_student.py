@@ -42,7 +42,17 @@ import pandas as pd
 import torch
 import yaml
 
-from fat_distill.distill import StudentConfig, TeacherConfig, evaluate_student, train_student
+from fat_distill.distill import (
+    StudentConfig,
+    TeacherConfig,
+    evaluate_student,
+    make_soft_labels,
+    student_label_map,
+    student_training_rows,
+    teacher_checkpoints,
+    train_student,
+)
+from fat_distill.distill.student import distilled_targets, filter_training_rows
 from fat_distill.distill.cleanlab_baseline import CleanlabConfig, find_label_issues_manifest
 from fat_distill.manifests import read_manifest
 
@@ -94,6 +104,22 @@ VARIANTS: dict[str, dict] = {
                                                "fat_k": 5, "soft_smoothing": 0.1},
     "distilled:relabel:given1:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
                                          "relabel_min_prob": 0.3},
+    # soft labels made again from the run's teacher checkpoints (SOFT_LABELS: teacher fields)
+    "distilled:rounds": {"method": "distilled"},
+    "distilled:rounds:given0.5": {"method": "distilled", "given_label_weight": 0.5},
+    "distilled:given0.5:T2": {"method": "distilled", "given_label_weight": 0.5},
+    "distilled:T2": {"method": "distilled"},
+    "distilled:paper:rounds": {"method": "distilled", "flagged_rows": "soft", "given_label_weight": 0.0,
+                               "fat_negatives": "all_centres"},
+}
+#: variant name → teacher fields of the soft labels it trains on, made from the run's teacher models (the others
+#: use the run's own soft labels).
+SOFT_LABELS: dict[str, dict] = {
+    "distilled:rounds": {"soft_label_models": "all_rounds"},
+    "distilled:rounds:given0.5": {"soft_label_models": "all_rounds"},
+    "distilled:given0.5:T2": {"temperature": 2.0},
+    "distilled:T2": {"temperature": 2.0},
+    "distilled:paper:rounds": {"soft_label_models": "all_rounds"},
 }
 DEFAULT_VARIANTS = ("ce_triplet", "filtered", "oracle", "distilled", "distilled:relabel", "distilled:drop",
                     "distilled:given1", "distilled:relabel:given1")
@@ -121,7 +147,7 @@ def run_inputs(run_dir: Path) -> dict:
     if missing:
         raise SystemExit(f"{run_dir}: not a finished run, missing {', '.join(missing)}")
     own_issues = stages / "cleanlab" / "label_issues.parquet"
-    return {**inputs, "student": config["student"], "teacher": config["teacher"],
+    return {**inputs, "teacher_dir": stages / "teacher", "student": config["student"], "teacher": config["teacher"],
             "cleanlab": config.get("cleanlab", {}), "label_issues": own_issues if own_issues.is_file() else None,
             "seed": config.get("student", {}).get("train", {}).get("seed")}
 
@@ -134,6 +160,20 @@ def label_issues_for(inputs: dict, work: Path, folds: int | None = None) -> Path
     config = CleanlabConfig.model_validate({**inputs["cleanlab"], **({"folds": folds} if folds else {})})
     return find_label_issues_manifest(inputs["dataset"], config, TeacherConfig.model_validate(inputs["teacher"]),
                                       work / f"cleanlab-filter-k{config.folds}", "cpu")
+
+
+def soft_labels_for(inputs: dict, fields: dict, work: Path) -> Path:
+    """Soft labels from the run's teacher models with ``fields`` over its teacher section (made once under
+    ``work``). ``soft_label_models: all_rounds`` averages every round of the run."""
+    config = TeacherConfig.model_validate({**inputs["teacher"], **fields})
+    out = work / f"soft-labels-{config.soft_labels_hash()}" / "soft_labels.parquet"
+    if out.is_file():
+        return out
+    rounds = len(sorted(Path(inputs["teacher_dir"]).glob("teacher_round_*.parquet")))
+    models = [teacher_checkpoints(inputs["teacher_dir"], r, config) for r in range(rounds)]
+    chosen = models if config.soft_label_models == "all_rounds" else models[-1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return make_soft_labels(inputs["dataset"], chosen, inputs["final_round"], config, out, "cpu")
 
 
 def detection_scores(dataset: Path, flagged: pd.Series) -> dict:
@@ -164,6 +204,22 @@ def detection_rows(run_name: str, inputs: dict, label_issues: Path | None) -> li
     return rows
 
 
+def training_label_quality(dataset: Path, config: StudentConfig, soft_labels: Path | None,
+                           rows: Path | None) -> dict:
+    """How many train rows a model trains on and the % whose hard label (the one FAT, batch hard and the sampler
+    use) is the true identity; NaN without ground truth."""
+    frame = read_manifest(dataset, "dataset")
+    train, column = student_training_rows(frame, config)
+    if config.method in ("filtered", "cleanlab"):
+        train = filter_training_rows(train, rows, config.method)
+    elif config.method == "distilled":
+        train, _, _, _, column = distilled_targets(soft_labels, train, student_label_map(frame, config), config)
+    truth = train["true_pid"] if "true_pid" in train.columns else None
+    clean = (100.0 * float((train[column].to_numpy() == truth.to_numpy()).mean())
+             if truth is not None and truth.notna().all() else math.nan)
+    return {"rows_trained": len(train), "labels_clean": clean}
+
+
 def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None,
                 cleanlab_folds: int | None = None) -> dict:
     overrides = dict(overrides or {})
@@ -174,11 +230,14 @@ def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None =
     config = StudentConfig.model_validate(fields)
     kwargs = {}
     if config.method == "distilled":
-        kwargs["soft_labels_manifest"] = inputs["soft_labels"]
+        kwargs["soft_labels_manifest"] = (soft_labels_for(inputs, SOFT_LABELS[variant], work) if variant in SOFT_LABELS
+                                          else inputs["soft_labels"])
     if config.method == "filtered":
         kwargs["rows_manifest"] = inputs["final_round"]
     if config.method == "cleanlab":
         kwargs["rows_manifest"] = label_issues_for(inputs, work, cleanlab_folds)
+    quality = training_label_quality(inputs["dataset"], config, kwargs.get("soft_labels_manifest"),
+                                     kwargs.get("rows_manifest"))
     out_dir = work / variant.replace(":", "-")
     started = time.perf_counter()
     result = train_student(inputs["dataset"], config, out_dir, "cpu", **kwargs)
@@ -187,7 +246,7 @@ def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None =
     metrics = read_manifest(metrics_path, "metrics").set_index("metric")["value"]
     accuracy = result.history[-1].get("accuracy", math.nan) if result.history else math.nan
     return {"mAP": float(metrics["mAP"]), "rank1": float(metrics["rank1"]), "last_epoch_batch_acc": accuracy,
-            "train_seconds": seconds}
+            "train_seconds": seconds, **quality}
 
 
 def _mean_range(values: pd.Series) -> str:
@@ -200,9 +259,10 @@ def _mean_range(values: pd.Series) -> str:
 
 
 def summarise(runs: pd.DataFrame) -> str:
-    """Markdown: every variant's mAP / rank-1 over runs, its margin over the best baseline and the gap closed."""
-    lines = ["| variant | runs | mAP | rank-1 | mAP − best baseline (per run) | gap to oracle closed (per run) |",
-             "|---|---:|---|---|---|---|"]
+    """Markdown: every variant's mAP / rank-1 over runs, its margin over the best baseline, the gap closed, and
+    the % of the rows it trained on whose hard label is the true one."""
+    lines = ["| variant | runs | mAP | rank-1 | mAP − best baseline (per run) | gap to oracle closed (per run) | "
+             "labels clean % (rows) |", "|---|---:|---|---|---|---|---|"]
     margins: dict[str, list[float]] = {}
     closed: dict[str, list[float]] = {}
     for _, group in runs.groupby("run"):
@@ -222,8 +282,11 @@ def summarise(runs: pd.DataFrame) -> str:
         g = runs[runs["variant"] == variant]
         margin = _mean_range(pd.Series(margins[variant])) if variant in margins else "–"
         gap = _mean_range(pd.Series(closed[variant])) + " %" if variant in closed else "–"
+        labels = "–"
+        if "labels_clean" in g.columns and g["labels_clean"].notna().any():
+            labels = f"{_mean_range(g['labels_clean'] / 100)} ({g['rows_trained'].mean():.0f})"
         lines.append(f"| {variant} | {g['run'].nunique()} | {_mean_range(g['mAP'])} | {_mean_range(g['rank1'])} | "
-                     f"{margin} | {gap} |")
+                     f"{margin} | {gap} | {labels} |")
     return "\n".join(lines) + "\n"
 
 

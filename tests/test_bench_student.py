@@ -37,11 +37,16 @@ def test_variants_train_on_a_finished_run(bench, tmp_path):
     run_id, _ = run_direct(config)
     out = tmp_path / "out"
     argv = ["--runs", str(tmp_path / "runs" / run_id), "--variants", "ce_triplet", "filtered", "cleanlab",
-            "distilled:relabel:given1:bh", "--epochs", "1", "--cleanlab-folds", "2",
+            "distilled:relabel:given1:bh", "distilled:rounds", "--epochs", "1", "--cleanlab-folds", "2",
             "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     runs = bench.main(argv)
-    assert list(runs["variant"]) == ["ce_triplet", "filtered", "cleanlab", "distilled:relabel:given1:bh"]
+    assert list(runs["variant"]) == ["ce_triplet", "filtered", "cleanlab", "distilled:relabel:given1:bh",
+                                     "distilled:rounds"]
     assert runs["mAP"].between(0, 1).all()
+    assert runs["labels_clean"].between(0, 100).all() and runs["rows_trained"].gt(0).all()
+    # filter-and-retrain trains on fewer, cleaner rows than every row with its given label
+    by = runs.set_index("variant")
+    assert by.loc["filtered", "rows_trained"] < by.loc["ce_triplet", "rows_trained"]
     summary = (out / "summary.md").read_text()
     assert "| distilled:relabel:given1:bh | 1 |" in summary
     detection = pd.read_csv(out / "detection.csv")
@@ -49,4 +54,10 @@ def test_variants_train_on_a_finished_run(bench, tmp_path):
     assert detection["noisy"].gt(0).all() and detection["recall"].between(0, 100).all()
     assert "| cleanlab | 1 |" in summary.split("Noise detection")[1]
     bench.main(argv)  # every row is there: nothing is trained again
-    assert len(pd.read_csv(out / "runs.csv")) == 4
+    assert len(pd.read_csv(out / "runs.csv")) == 5
+    # distilled:rounds trained on soft labels made again, from every teacher round of the run
+    from fat_distill.manifests import read_manifest_meta
+
+    (made,) = (tmp_path / "work" / run_id).glob("soft-labels-*/soft_labels.parquet")
+    rounds = len(list((tmp_path / "runs" / run_id / "stages" / "teacher").glob("teacher_round_*.parquet")))
+    assert rounds == 2 and len(read_manifest_meta(made).extra["ensemble"]) == rounds

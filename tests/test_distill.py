@@ -27,7 +27,14 @@ from fat_distill.distill import (
     student_training_rows,
     train_student,
 )
-from fat_distill.distill._common import STAGE_MARKER, load_weights, new_model, predict_logits, stage_settings
+from fat_distill.distill._common import (
+    STAGE_MARKER,
+    load_model,
+    load_weights,
+    new_model,
+    predict_logits,
+    stage_settings,
+)
 from fat_distill.manifests import file_content_hash, read_manifest, read_manifest_meta, write_manifest
 from fat_distill.train import (
     CheckpointError,
@@ -234,6 +241,37 @@ def test_soft_labels_manifest_is_valid_and_consistent(data, teacher, soft_labels
         assert (np.diff(probs) <= 0).all() and probs.sum() <= 1 + 1e-6
     meta = read_manifest_meta(soft_labels)
     assert meta.extra["temperature"] == 2.0 and meta.stage == "teacher.soft_labels"
+
+
+def test_soft_labels_from_all_rounds_average_every_rounds_model(data, teacher, tmp_path):
+    result = teacher["result"]
+    config = teacher["config"].model_copy(update={"temperature": 2.0, "top_k": 4, "soft_label_models": "all_rounds"})
+    # soft_label_models does not change what a round computes: the finished rounds are reused
+    assert config.round_hash() == teacher["config"].round_hash()
+    assert config.soft_labels_hash() != teacher["config"].soft_labels_hash()
+    rounds = [[teacher["out"] / f"round-{r}" / "final.pt"] for r in range(len(result.round_manifests))]
+    path = make_soft_labels(data["manifest"], rounds, result.final_round_manifest, config, tmp_path / "soft.parquet",
+                            "cpu")
+    soft = read_manifest(path, "soft_labels")
+    train = data["frame"][data["frame"]["split"] == "train"].set_index("sample_id").loc[soft["sample_id"]]
+    label_map = {pid: c for c, pid in enumerate(sorted(train["pid"].unique()))}
+    settings = stage_settings("cpu", config.train)
+    built = build_train_data(train.reset_index(), data["root"], config.train, label_map=label_map)
+    mean = np.zeros((len(train), len(label_map)))
+    for (checkpoint,) in rounds:  # each round's model predicts every row; the soft label is the probability mean
+        model = load_model(config.train, len(label_map), checkpoint, settings)
+        logits = predict_logits(model, built.feature_dataset, settings)
+        mean += torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / 2.0, dim=1).numpy() / len(rounds)
+    pids = np.array(sorted(label_map))
+    for i, (ids, probs) in enumerate(zip(soft["topk_ids"], soft["topk_probs"])):
+        order = np.argsort(-mean[i], kind="stable")[:4]
+        np.testing.assert_array_equal(ids, pids[order])
+        np.testing.assert_allclose(probs, mean[i][order], atol=1e-5)
+    meta = read_manifest_meta(path)
+    assert meta.extra["ensemble"] == [[str(c) for c in r] for r in rounds]
+    with pytest.raises(ValueError, match="as many fold checkpoints"):
+        make_soft_labels(data["manifest"], [rounds[0], rounds[0] * 2], result.final_round_manifest, config,
+                         tmp_path / "bad.parquet", "cpu")
 
 
 # filtered and cleanlab need a row-filter manifest from a teacher or cleanlab stage: tests/test_peer_baselines.py

@@ -11,6 +11,7 @@ from fat_distill.distill import (
     StudentConfig,
     TeacherConfig,
     assign_folds,
+    ensemble_probabilities,
     fold_train_mask,
     soft_labels_from_logits,
     soft_labels_from_probs,
@@ -70,6 +71,36 @@ def test_probs_input_gives_the_logits_result_and_k_is_clipped():
     ids, p = soft_labels_from_probs(one_hot, LABEL_MAP, temperature=3.0, top_k=2)
     np.testing.assert_array_equal(ids[:, 0], [PIDS[2], PIDS[4]])
     np.testing.assert_array_equal(p, [[1, 0], [1, 0]])
+
+
+def test_ensemble_is_the_mean_of_the_members_tempered_softmax():
+    rng = np.random.default_rng(3)
+    members = [rng.normal(0, 3, size=(7, len(PIDS))) for _ in range(3)]
+    for temperature in (0.5, 1.0, 3.0):
+        expected = np.zeros((7, len(PIDS)))
+        for logits in members:  # brute force, one row and one class at a time
+            for i in range(7):
+                z = np.exp(logits[i] / temperature)
+                expected[i] += z / z.sum() / len(members)
+        mean = ensemble_probabilities(members, temperature=temperature)
+        np.testing.assert_allclose(mean, expected, rtol=1e-10)
+        np.testing.assert_allclose(mean.sum(axis=1), 1.0)
+    # one member: the ensemble is that member's soft labels
+    single = soft_labels_from_probs(ensemble_probabilities(members[:1], temperature=2.0), LABEL_MAP, top_k=3)
+    direct = soft_labels_from_logits(members[0], LABEL_MAP, temperature=2.0, top_k=3)
+    np.testing.assert_array_equal(single[0], direct[0])
+    np.testing.assert_allclose(single[1], direct[1], rtol=1e-5)
+    # two confident members that disagree split the mass; a probability mean, not a logit mean
+    a, b = np.array([[20.0, 0, 0, 0, 0, 0]]), np.array([[0, 20.0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(ensemble_probabilities([a, b])[0, :2], [0.5, 0.5], atol=1e-6)
+    with pytest.raises(ValueError, match="shapes"):
+        ensemble_probabilities([members[0], members[1][:3]])
+    bad = members[1].copy()
+    bad[4, 0] = np.inf
+    with pytest.raises(ValueError, match="member 1.*row 4"):
+        ensemble_probabilities([members[0], bad])
+    with pytest.raises(ValueError, match="no member"):
+        ensemble_probabilities([])
 
 
 def test_soft_label_errors():

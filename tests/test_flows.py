@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -58,9 +59,13 @@ def test_one_runs_stages_spread_over_both_devices_one_at_a_time(tmp_path):
     """The in-process scheduler (run.json's slot times, written by the stage task itself); the Prefect limit
     between processes is tested by test_a_device_slot_is_never_held_by_two_processes_at_once."""
     config = tiny_config(tmp_path, run={"devices": ["cpu", "cpu"], "max_tasks_per_device": 1},
-                         teacher={"rounds": 1, "scoring": "oof", "folds": 2},
+                         teacher={"rounds": 1, "scoring": "oof", "folds": 2, "soft_label_models": "all_rounds"},
                          baselines=["ce", "ce_triplet"])
-    _, _, run_json = run(config)
+    run_id, _, run_json = run(config)
+    # the soft labels came from the rounds' ensemble: one member per round, each the round's fold models
+    soft = read_manifest_meta(tmp_path / "manifests" / run_id / "soft_labels.parquet")
+    assert [[Path(c).parent.name for c in member] for member in soft.extra["ensemble"] or [soft.extra["checkpoints"]]
+            ] == [["fold-0", "fold-1"]]
     intervals = defaultdict(list)
     for name, entry in run_json["stages"].items():
         if "slot_acquired" in entry:

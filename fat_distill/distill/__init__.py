@@ -25,6 +25,7 @@ from fat_distill.distill.label_audit import (
 )
 from fat_distill.distill.noise_report import evaluate_noise_detection, has_ground_truth
 from fat_distill.distill.soft_labels import (
+    ensemble_probabilities,
     make_soft_labels,
     soft_labels_from_logits,
     soft_labels_from_probs,
@@ -58,7 +59,7 @@ __all__ = [
     "CONFIDENCE_RULES", "ConfidenceScores", "DatasetInput", "STUDENT_METHODS", "StudentConfig", "StudentResult",
     "TeacherConfig", "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection",
     "evaluate_student", "fold_dir", "fold_train_mask", "gmm_clean_posterior", "keep_identities_in_every_fold",
-    "load_dataset", "make_soft_labels", "round_dir", "round_manifest_path", "run_teacher", "run_teacher_fold",
+    "ensemble_probabilities", "load_dataset", "make_soft_labels", "round_dir", "round_manifest_path", "run_teacher", "run_teacher_fold",
     "run_teacher_round", "score_confidence", "soft_labels_from_logits", "soft_labels_from_probs",
     "soft_targets_for", "student_features", "student_label_map", "student_training_rows", "teacher_checkpoints",
     "train_student",

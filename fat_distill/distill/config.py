@@ -22,7 +22,7 @@ ROW_FILTER_METHODS = ("filtered", "cleanlab")
 
 # Teacher fields that do not change what a given round computes: changing them
 # keeps the rounds already done (e.g. raising `rounds` from 2 to 3 reuses 0 and 1).
-_NOT_PER_ROUND = {"rounds", "tolerance", "temperature", "top_k"}
+_NOT_PER_ROUND = {"rounds", "tolerance", "temperature", "top_k", "soft_label_models"}
 # Student fields used only by evaluate_student: changing them does not retrain.
 _EVALUATION_ONLY = {"flip_test", "distance"}
 
@@ -63,6 +63,10 @@ class TeacherConfig(Section):
                              description="stop when at most this fraction of confident flags changes")
     temperature: float = Field(1.0, gt=0, description="T of the soft labels: softmax(logits / T)")
     top_k: int = Field(5, ge=1, description="soft labels keep the k most probable identities")
+    soft_label_models: Literal["final_round", "all_rounds"] = Field(
+        "final_round", description="soft labels from the final round's model(s), or the mean of every round's "
+                                   "softmax(logits / T) (a temporal ensemble: benchmarks/README.md, "
+                                   "'Student ablation')")
 
     def round_hash(self) -> str:
         """Hash of the fields that determine what every round computes (its manifests' config hash).

@@ -160,7 +160,7 @@ def soft_targets_for(
 
 def make_soft_labels(
     dataset_manifest: PathLike,
-    teacher_checkpoints: PathLike | Sequence[PathLike],
+    teacher_checkpoints: PathLike | Sequence[PathLike] | Sequence[Sequence[PathLike]],
     final_round_manifest: PathLike,
     config: TeacherConfig,
     out_path: PathLike,
@@ -173,6 +173,8 @@ def make_soft_labels(
         teacher_checkpoints: the final round's ``final.pt``; for out-of-fold
             scoring the K fold checkpoints in fold order (``TeacherResult.checkpoints``):
             each row is then labelled by the fold model that did not train on it.
+            A list of such lists (one per round, ``soft_label_models: all_rounds``) is
+            an ensemble: the soft labels are the mean of the rounds' ``softmax(logits / T)``.
         final_round_manifest: ``teacher_round_{r}.parquet`` of that round; gives the
             ``confident`` flag (and ``fold`` for oof).
         config: the teacher's settings (model, image size, T, k).
@@ -183,10 +185,7 @@ def make_soft_labels(
         ``out_path``.
     """
     out_path, final_round_manifest = Path(out_path), Path(final_round_manifest)
-    checkpoints = ([Path(teacher_checkpoints)] if isinstance(teacher_checkpoints, (str, os.PathLike))
-                   else [Path(p) for p in teacher_checkpoints])
-    if not checkpoints:
-        raise ValueError("make_soft_labels: no teacher checkpoint given")
+    members = _ensemble_members(teacher_checkpoints)
     dataset = load_dataset(dataset_manifest)
     train = train_rows(dataset.frame, "soft labels")
     label_map = build_label_map(train["pid"])
@@ -196,27 +195,36 @@ def make_soft_labels(
     settings = stage_settings(device, config.train)
     data = build_train_data(train, dataset.root, config.train, label_map=label_map,
                             allow_outside_root=dataset.allow_outside_root, cache_dir=dataset.image_cache_dir)
-    logits = np.zeros((len(train), len(label_map)), dtype=np.float32)
-    if len(checkpoints) == 1:
-        groups = [(checkpoints[0], np.arange(len(train)))]
-    else:
-        if "fold" not in round_frame.columns or round_frame["fold"].isna().any():
-            raise ManifestError(final_round_manifest, f"has no fold of every row, but {len(checkpoints)} fold "
-                                                      "checkpoints were given", column="fold")
-        folds = align_to_rows(round_frame, train, "fold", final_round_manifest).astype(np.int64)
-        if folds.max() >= len(checkpoints):
-            raise ValueError(f"make_soft_labels: {final_round_manifest} uses fold {int(folds.max())} but only "
-                             f"{len(checkpoints)} checkpoints were given")
-        groups = [(ckpt, np.flatnonzero(folds == k)) for k, ckpt in enumerate(checkpoints)]
-    for checkpoint, rows in groups:
-        if not len(rows):
-            continue
-        model = load_model(config.train, len(label_map), checkpoint, settings)
-        logits[rows] = predict_logits(model, data.feature_dataset, settings, indices=rows,
-                                      batch_size=max(64, config.train.batch_size),
-                                      num_workers=config.train.num_workers)
 
-    ids, probs = soft_labels_from_logits(logits, label_map, temperature=config.temperature, top_k=config.top_k)
+    def member_logits(checkpoints: list[Path]) -> np.ndarray:
+        logits = np.zeros((len(train), len(label_map)), dtype=np.float32)
+        if len(checkpoints) == 1:
+            groups = [(checkpoints[0], np.arange(len(train)))]
+        else:
+            if "fold" not in round_frame.columns or round_frame["fold"].isna().any():
+                raise ManifestError(final_round_manifest, f"has no fold of every row, but {len(checkpoints)} fold "
+                                                          "checkpoints were given", column="fold")
+            folds = align_to_rows(round_frame, train, "fold", final_round_manifest).astype(np.int64)
+            if folds.max() >= len(checkpoints):
+                raise ValueError(f"make_soft_labels: {final_round_manifest} uses fold {int(folds.max())} but only "
+                                 f"{len(checkpoints)} checkpoints were given")
+            groups = [(ckpt, np.flatnonzero(folds == k)) for k, ckpt in enumerate(checkpoints)]
+        for checkpoint, rows in groups:
+            if not len(rows):
+                continue
+            model = load_model(config.train, len(label_map), checkpoint, settings)
+            logits[rows] = predict_logits(model, data.feature_dataset, settings, indices=rows,
+                                          batch_size=max(64, config.train.batch_size),
+                                          num_workers=config.train.num_workers)
+        return logits
+
+    if len(members) == 1:
+        ids, probs = soft_labels_from_logits(member_logits(members[0]), label_map, temperature=config.temperature,
+                                             top_k=config.top_k)
+    else:
+        ids, probs = soft_labels_from_probs(ensemble_probabilities([member_logits(m) for m in members],
+                                                                   temperature=config.temperature),
+                                            label_map, top_k=config.top_k)
     frame = pd.DataFrame({
         "sample_id": train["sample_id"].astype(str).to_numpy(),
         "given_label": train["pid"].to_numpy(dtype=np.int64),
@@ -227,7 +235,54 @@ def make_soft_labels(
     write_manifest(frame, out_path, "soft_labels", stage="teacher.soft_labels", config_hash=config.soft_labels_hash(),
                    parents=[parent_ref(dataset.path), parent_ref(final_round_manifest)],
                    extra={"temperature": config.temperature, "top_k": int(ids.shape[1]),
-                          "checkpoints": [str(p) for p in checkpoints]})
-    log.info("soft labels: %d samples, top-%d at T=%g, %d confident -> %s", len(frame), ids.shape[1],
-             config.temperature, int(confident.sum()), out_path)
+                          "checkpoints": [str(p) for p in members[-1]],
+                          "ensemble": [[str(p) for p in m] for m in members] if len(members) > 1 else None})
+    log.info("soft labels: %d samples, top-%d at T=%g from %s, %d confident -> %s", len(frame), ids.shape[1],
+             config.temperature, f"the mean of {len(members)} rounds' models" if len(members) > 1
+             else "the final round's model(s)", int(confident.sum()), out_path)
     return out_path
+
+
+def ensemble_probabilities(member_logits: Sequence[np.ndarray | torch.Tensor], *,
+                           temperature: float = 1.0) -> np.ndarray:
+    """The mean over ensemble members of ``softmax(logits / T)``: ``(N, C)`` float64 probabilities.
+
+    Averaging probabilities (not logits) keeps each member's confidence: a member that
+    is unsure spreads its vote instead of cancelling a confident one. Over the teacher's
+    rounds this is a temporal ensemble: early rounds, trained briefly on all rows, have
+    not memorised the noisy labels that later rounds may fit.
+
+    Args:
+        member_logits: one ``(N, C)`` array per member, rows and columns aligned.
+        temperature: T > 0, applied to every member before the mean.
+    """
+    if not member_logits:
+        raise ValueError("ensemble_probabilities: no member")
+    if temperature <= 0:
+        raise ValueError(f"ensemble_probabilities: temperature must be > 0, got {temperature}")
+    stacked = [torch.as_tensor(m).detach().cpu().double() for m in member_logits]
+    shapes = {tuple(m.shape) for m in stacked}
+    if len(shapes) != 1 or stacked[0].dim() != 2:
+        raise ValueError(f"ensemble_probabilities: members must all be (N, C), got shapes {sorted(shapes)}")
+    for i, m in enumerate(stacked):
+        if not torch.isfinite(m).all():
+            row = int((~torch.isfinite(m)).any(dim=1).nonzero()[0])
+            raise ValueError(f"ensemble_probabilities: member {i}'s logits are NaN or infinite in row {row}; "
+                             "that teacher model diverged")
+    return torch.stack([torch.softmax(m / temperature, dim=1) for m in stacked]).mean(dim=0).numpy()
+
+
+def _ensemble_members(checkpoints: PathLike | Sequence[PathLike] | Sequence[Sequence[PathLike]]) -> list[list[Path]]:
+    """``[[round's checkpoints], ...]`` from one path, one round's list, or a list of rounds' lists."""
+    if isinstance(checkpoints, (str, os.PathLike)):
+        members = [[Path(checkpoints)]]
+    elif checkpoints and all(isinstance(c, (str, os.PathLike)) for c in checkpoints):
+        members = [[Path(c) for c in checkpoints]]
+    else:
+        members = [[Path(c) for c in m] for m in checkpoints]
+    if not members or not all(members):
+        raise ValueError("make_soft_labels: no teacher checkpoint given")
+    sizes = {len(m) for m in members}
+    if len(sizes) != 1:
+        raise ValueError(f"make_soft_labels: every ensemble member needs as many fold checkpoints, got {sorted(sizes)}")
+    return members

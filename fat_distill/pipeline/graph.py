@@ -99,6 +99,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
     previous: str | None = None
     rounds: list[str] = []
     round_out: dict[str, Any] = {}
+    round_checkpoints: list[list[str]] = []  # every round's model(s), for soft_label_models: all_rounds
     warnings: list[str] = []  # teacher rounds that ended near chance: shown with the run's metrics
     for r in range(teacher_cfg.rounds):
         inputs = {"dataset": dataset, "previous_round": previous}
@@ -118,6 +119,7 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
                     "work_dir": teacher_dir, "progress": progress, "tensorboard_dir": tensorboard},
         )).result()
         paths.publish(round_out["teacher_round"], f"teacher_round_{r}.parquet")
+        round_checkpoints.append(round_out["checkpoints"])
         previous = round_out["teacher_round"]
         rounds.append(previous)
         warning = read_manifest_meta(previous).extra.get("warning")  # not an output: outputs name files
@@ -141,11 +143,12 @@ def run_graph(config: PipelineConfig, paths: RunPaths, state: RunState, executor
         kwargs={"dataset": dataset, "teacher_round": previous, "work_dir": str(paths.stage_dir("noise_report")),
                 "plots_dir": str(paths.plots_dir)},
     )) if truth else None
+    soft_models = round_out["checkpoints"] if teacher_cfg.soft_label_models == "final_round" else round_checkpoints
     soft = executor.submit(make_call(
         "soft_labels", "soft_labels", stages.soft_labels_stage,
-        inputs={"dataset": dataset, "final_round": previous, "checkpoints": round_out["checkpoints"]},
+        inputs={"dataset": dataset, "final_round": previous, "checkpoints": soft_models},
         config=teacher_cfg.soft_labels_hash(), needs_device=True,
-        kwargs={"dataset": dataset, "final_round": previous, "checkpoints": round_out["checkpoints"],
+        kwargs={"dataset": dataset, "final_round": previous, "checkpoints": soft_models,
                 "config": teacher_cfg, "work_dir": str(paths.stage_dir("soft_labels"))},
     )).result()
     paths.publish(soft["soft_labels"], "soft_labels.parquet")

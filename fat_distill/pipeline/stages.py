@@ -195,11 +195,12 @@ def teacher_round_stage(dataset: str | Path, previous_round: str | None, config:
             "checkpoints": [str(p) for p in teacher_checkpoints(work_dir, round, config)], **summarise_fits(fits)}
 
 
-def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints: list[str], config: TeacherConfig,
-                      work_dir: str | Path, device: str = "auto") -> Outputs:
-    """Soft labels (softmax at temperature T, top-k) from the final teacher round's model(s)."""
+def soft_labels_stage(dataset: str | Path, final_round: str | Path, checkpoints: list[str] | list[list[str]],
+                      config: TeacherConfig, work_dir: str | Path, device: str = "auto") -> Outputs:
+    """Soft labels (softmax at temperature T, top-k) from the final teacher round's model(s), or from the mean
+    over rounds when ``checkpoints`` holds one list per round."""
     out = Path(work_dir) / "soft_labels.parquet"
-    make_soft_labels(dataset, [Path(c) for c in checkpoints], final_round, config, out, device)
+    make_soft_labels(dataset, checkpoints, final_round, config, out, device)
     return {"soft_labels": str(out)}
 
 
