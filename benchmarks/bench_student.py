@@ -188,8 +188,14 @@ def detection_scores(dataset: Path, flagged: pd.Series) -> dict:
     precision = tp / hit.sum() if hit.sum() else math.nan
     recall = tp / noisy.sum() if noisy.sum() else math.nan
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else math.nan
+    # which kinds of noise the detector misses (pair flips to a look-alike identity are the hard ones)
+    by_kind = {}
+    if "noise_kind" in frame.columns and frame["noise_kind"].notna().all():
+        kinds = frame["noise_kind"].to_numpy()
+        by_kind = {f"recall_{kind}": 100 * float(hit[kinds == kind].mean())
+                   for kind in sorted(set(kinds) - {"clean"})}
     return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1, "flagged": int(hit.sum()),
-            "noisy": int(noisy.sum())}
+            "noisy": int(noisy.sum()), **by_kind}
 
 
 def detection_rows(run_name: str, inputs: dict, label_issues: Path | None) -> list[dict]:
@@ -337,10 +343,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         table = pd.DataFrame(detection)
         table.to_csv(args.out / DETECTION_FILE, index=False, float_format="%.2f")
         text += "\nNoise detection against the injected noise (%, mean [min, max] over runs):\n\n"
-        text += "| detector | runs | precision | recall | F1 |\n|---|---:|---|---|---|\n"
+        columns = ["precision", "recall", "f1"] + sorted(c for c in table.columns if c.startswith("recall_"))
+        names = [c.replace("recall_", "recall of ") if c.startswith("recall_") else c for c in columns]
+        text += ("| detector | runs | " + " | ".join(names) + " |\n|---|---:|" + "---|" * len(columns) + "\n")
         for detector, g in table.groupby("detector", sort=False):
-            text += (f"| {detector} | {len(g)} | " + " | ".join(_mean_range(g[c] / 100)
-                                                               for c in ("precision", "recall", "f1")) + " |\n")
+            text += (f"| {detector} | {len(g)} | " + " | ".join(_mean_range(g[c] / 100) for c in columns) + " |\n")
     (args.out / SUMMARY_FILE).write_text(text)
     print(text)
     log.info("bench_student: finished in %.0f s", time.perf_counter() - started)

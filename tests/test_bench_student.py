@@ -52,6 +52,8 @@ def test_variants_train_on_a_finished_run(bench, tmp_path):
     detection = pd.read_csv(out / "detection.csv")
     assert list(detection["detector"]) == ["teacher (final round)", "cleanlab"]
     assert detection["noisy"].gt(0).all() and detection["recall"].between(0, 100).all()
+    kinds = [c for c in detection.columns if c.startswith("recall_")]  # the tiny config's noise kind(s)
+    assert kinds and detection[kinds].stack().between(0, 100).all() and "recall of " in summary
     assert "| cleanlab | 1 |" in summary.split("Noise detection")[1]
     bench.main(argv)  # every row is there: nothing is trained again
     assert len(pd.read_csv(out / "runs.csv")) == 5
