@@ -66,7 +66,7 @@ class TeacherConfig(Section):
     soft_label_models: Literal["final_round", "all_rounds"] = Field(
         "final_round", description="soft labels from the final round's model(s), or the mean of every round's "
                                    "softmax(logits / T) (a temporal ensemble: benchmarks/README.md, "
-                                   "'Student ablation')")
+                                   "'Teacher ensembles and temperature')")
 
     def round_hash(self) -> str:
         """Hash of the fields that determine what every round computes (its manifests' config hash).
