@@ -135,6 +135,22 @@ def test_teacher_resumes_and_skips_finished_rounds(data, teacher):
         run_teacher(data["manifest"], config.model_copy(update={"rule": "threshold"}), out, "cpu")
 
 
+def test_a_round_continues_from_a_previous_round_kept_in_another_folder(data, teacher, tmp_path):
+    """A round taken from another run's cache keeps its weights in that run's folder: the next round, run in a new
+    folder, continues from them (through the previous manifest) and computes what it would have beside them."""
+    import shutil
+
+    config = teacher["config"].model_copy(update={"rounds": 3})
+    assert config.retrain == "continue"
+    previous = teacher["result"].round_manifests[1]
+    elsewhere = run_teacher_round(data["manifest"], previous, config, 2, tmp_path / "new_run", "cpu")
+    assert not (tmp_path / "new_run" / "round-1").exists()
+    beside = tmp_path / "same_run"
+    shutil.copytree(teacher["out"], beside)
+    alongside = run_teacher_round(data["manifest"], beside / previous.name, config, 2, beside, "cpu")
+    assert read_manifest(elsewhere, "teacher_round").equals(read_manifest(alongside, "teacher_round"))
+
+
 def test_more_rounds_reuse_finished_ones_and_stop_when_the_set_settles(data, teacher):
     # rounds and tolerance do not change what a round computes: rounds 0 and 1 are reused, not retrained
     config = teacher["config"].model_copy(update={"rounds": 5, "tolerance": 1.0})

@@ -54,6 +54,15 @@ def test_pipeline_caches_every_stage_and_reruns_only_what_changed(tmp_path):
     assert s["teacher.round1"] == "cached" and s["noise_report"] == "cached"
     assert "config section changed" in third["stages"]["student.distilled"]["why"]
 
+    # one more round: rounds 0 and 1 come from the first run's cache (their weights stay in its folder), and
+    # round 2, trained in this run's folder, continues from round 1's weights there
+    more = tiny_config(tmp_path, teacher={**config["teacher"], "rounds": 3})
+    more_id, _, fourth = run(more)
+    s = states(fourth)
+    assert s["teacher.round0"] == s["teacher.round1"] == "cached" and s["teacher.round2"] == "ran", s
+    assert not (tmp_path / "runs" / more_id / "stages" / "teacher" / "round-1").exists()
+    assert (tmp_path / "runs" / more_id / "stages" / "teacher" / "round-2" / "final.pt").is_file()
+
 
 def test_one_runs_stages_spread_over_both_devices_one_at_a_time(tmp_path):
     """The in-process scheduler (run.json's slot times, written by the stage task itself); the Prefect limit

@@ -318,10 +318,29 @@ def _run_fold(inputs: _RoundInputs, config: TeacherConfig, round: int, fold: int
     directory = fold_dir(out_dir, round, fold)
     mask = fold_train_mask(inputs.confident, inputs.folds, fold)
     claim_directory(directory, {**inputs.key, "fold": fold, "train_rows": int(mask.sum())}, stage)
-    init = fold_dir(out_dir, round - 1, fold) / "final.pt" if config.retrain == "continue" and round else None
+    init = _continue_from(inputs, config, out_dir, round, fold)
     _, _, _, result = _train_model(inputs, config, round, mask, directory, init, device, stage, progress,
                                    tensorboard_dir)
     return result.final_checkpoint
+
+
+def _continue_from(inputs: _RoundInputs, config: TeacherConfig, out_dir: Path, round: int,
+                   fold: int | None = None) -> Path | None:
+    """``retrain='continue'``: the previous round's final weights (of the same fold for oof), else None.
+
+    They sit beside ``out_dir`` when this folder ran that round; a round taken from another
+    run's cache keeps them in that run's folder, which its manifest records.
+    """
+    if config.retrain != "continue" or not round:
+        return None
+    local = (round_dir(out_dir, round - 1) if fold is None else fold_dir(out_dir, round - 1, fold)) / "final.pt"
+    if local.is_file() or inputs.prev_path is None:
+        return local
+    recorded = read_manifest_meta(inputs.prev_path).extra.get("checkpoints") or []
+    index = 0 if fold is None else fold
+    if index < len(recorded) and Path(recorded[index]).is_file():
+        return Path(recorded[index])
+    return local
 
 
 def _fold_accuracy(out_dir: Path, round: int, fold: int) -> float | None:
@@ -422,7 +441,7 @@ def run_teacher_round(dataset_manifest: PathLike, prev_round_manifest: PathLike 
         stage = f"teacher.round{round}"
         directory = round_dir(out_dir, round)
         claim_directory(directory, {**inputs.key, "train_rows": int(inputs.confident.sum())}, stage)
-        init = round_dir(out_dir, round - 1) / "final.pt" if config.retrain == "continue" and round else None
+        init = _continue_from(inputs, config, out_dir, round)
         model, data, settings, fitted = _train_model(inputs, config, round, inputs.confident, directory, init,
                                                      device, stage, progress, tensorboard_dir)
         train_accuracy = _final_accuracy(fitted.history)
