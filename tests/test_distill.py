@@ -178,8 +178,12 @@ def test_retrain_fresh_or_continue_picks_the_starting_weights(data, teacher, tmp
     assert all(torch.allclose(after[k], start[k], atol=1e-6) for k in weights)
     assert not all(torch.allclose(after[k], other[k], atol=1e-6) for k in weights)
     if retrain == "continue":
+        # the weights are neither beside the new folder nor where the previous round's manifest records them
+        moved = tmp_path / "moved" / round0.name
+        write_manifest(read_manifest(round0, "teacher_round"), moved, "teacher_round", stage="teacher.round0",
+                       extra={"round": 0, "checkpoints": [str(tmp_path / "gone" / "final.pt")]})
         with pytest.raises(FileNotFoundError, match="run round 0 first"):
-            run_teacher_round(data["manifest"], round0, config, 1, tmp_path / "empty", "cpu")
+            run_teacher_round(data["manifest"], moved, config, 1, tmp_path / "empty", "cpu")
 
 
 def test_oracle_rows_use_true_labels_without_multi_duplicates():
