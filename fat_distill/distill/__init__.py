@@ -59,8 +59,8 @@ __all__ = [
     "CONFIDENCE_RULES", "ConfidenceScores", "DatasetInput", "STUDENT_METHODS", "StudentConfig", "StudentResult",
     "TeacherConfig", "TeacherResult", "assign_folds", "confident_set_change", "evaluate_noise_detection",
     "evaluate_student", "fold_dir", "fold_train_mask", "gmm_clean_posterior", "keep_identities_in_every_fold",
-    "ensemble_probabilities", "load_dataset", "make_soft_labels", "round_dir", "round_manifest_path", "run_teacher", "run_teacher_fold",
-    "run_teacher_round", "score_confidence", "soft_labels_from_logits", "soft_labels_from_probs",
+    "ensemble_probabilities", "load_dataset", "make_soft_labels", "round_dir", "round_manifest_path", "run_teacher",
+    "run_teacher_fold", "run_teacher_round", "score_confidence", "soft_labels_from_logits", "soft_labels_from_probs",
     "soft_targets_for", "student_features", "student_label_map", "student_training_rows", "teacher_checkpoints",
     "train_student",
 ]
