@@ -61,13 +61,14 @@ log = logging.getLogger("bench_student")
 RUNS_FILE = "runs.csv"
 SUMMARY_FILE = "summary.md"
 DETECTION_FILE = "detection.csv"
-BASELINES = ("ce_triplet", "filtered", "cleanlab")
+BASELINES = ("ce_triplet", "fat_hybrid_noisy", "filtered", "cleanlab")
 
 #: variant name → StudentConfig fields on top of the run's student section.
 VARIANTS: dict[str, dict] = {
     "ce_triplet": {"method": "ce_triplet"},
     "filtered": {"method": "filtered"},
     "cleanlab": {"method": "cleanlab"},
+    "fat_hybrid_noisy": {"method": "fat_hybrid_noisy"},
     "oracle": {"method": "oracle"},
     "distilled": {"method": "distilled"},
     # the paper's recipe (the defaults before the ablation): soft labels on every row, exact all-centre FAT
@@ -105,6 +106,9 @@ VARIANTS: dict[str, dict] = {
     "distilled:relabel:given1:prob0.3": {"method": "distilled", "flagged_rows": "relabel", "given_label_weight": 1.0,
                                          "relabel_min_prob": 0.3},
     # soft labels made again from the run's teacher checkpoints (SOFT_LABELS: teacher fields)
+    "distilled:disagree": {"method": "distilled", "flag_disagreeing": True},
+    "distilled:disagree:prob0.3": {"method": "distilled", "flag_disagreeing": True, "relabel_min_prob": 0.3},
+    "distilled:disagree:drop": {"method": "distilled", "flag_disagreeing": True, "flagged_rows": "drop"},
     "distilled:rounds": {"method": "distilled"},
     "distilled:rounds:given0.5": {"method": "distilled", "given_label_weight": 0.5},
     "distilled:given0.5:T2": {"method": "distilled", "given_label_weight": 0.5},

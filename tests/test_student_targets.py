@@ -62,3 +62,37 @@ def test_flagged_rows_are_relabelled_when_the_teacher_is_sure_else_dropped(tmp_p
 
     rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig(flagged_rows="soft"))
     assert column == "pid" and len(rows) == 4 and confident.tolist() == [True, False, False, False]
+
+
+def test_flag_disagreeing_flags_kept_rows_whose_teacher_top1_is_another_identity(tmp_path):
+    import pandas as pd
+
+    from fat_distill.distill import StudentConfig
+    from fat_distill.distill.student import distilled_targets
+    from fat_distill.manifests import write_manifest
+    soft = pd.DataFrame({
+        "sample_id": ["a", "e", "f", "g"],
+        "given_label": [1, 1, 1, 2],
+        "topk_ids": [[1, 2], [2, 1], [3, 1], [9, 2]],  # g: top-1 outside the label map counts as agreeing
+        "topk_probs": [[0.9, 0.1], [0.7, 0.3], [0.4, 0.35], [0.6, 0.4]],
+        "confident": [True, True, True, True],
+    })
+    path = tmp_path / "soft.parquet"
+    write_manifest(soft, path, "soft_labels", stage="test")
+    train = pd.DataFrame({"sample_id": ["a", "e", "f", "g"], "pid": [1, 1, 1, 2]})
+    label_map = {1: 0, 2: 1, 3: 2}
+
+    rows, *_, confident, column = distilled_targets(path, train, label_map, StudentConfig(given_label_weight=1.0))
+    assert list(rows["sample_id"]) == ["a", "e", "f", "g"] and confident.all()  # off: the teacher's flags rule
+
+    # e: teacher 0.7 on pid 2 → relabelled, no centre; f: 0.4 on pid 3 → dropped; a and g stay.
+    rows, ids, probs, confident, column = distilled_targets(
+        path, train, label_map, StudentConfig(flag_disagreeing=True, relabel_min_prob=0.5, given_label_weight=1.0))
+    assert list(rows["sample_id"]) == ["a", "e", "g"] and list(rows[column]) == [1, 2, 2]
+    assert confident.tolist() == [True, False, True]
+    dense = torch.zeros(3, 3).scatter_add_(1, ids.clamp(min=0).long(), probs * (ids >= 0))
+    assert dense[0, 0] == 1.0 and dense[1].argmax() == label_map[2]  # the relabelled row learns the soft label
+
+    rows, *_, confident, _ = distilled_targets(path, train, label_map,
+                                               StudentConfig(flag_disagreeing=True, flagged_rows="drop"))
+    assert list(rows["sample_id"]) == ["a", "g"]

@@ -133,6 +133,11 @@ class StudentConfig(Section):
                                "with their soft label, and drop the rest (the rule of `fat-distill labels export`; "
                                "measured: benchmarks/README.md, 'Student ablation'); train on all of them with the "
                                "soft label, their hard label staying the given one (soft, the paper); or drop them")
+    flag_disagreeing: bool = Field(
+        False, description="distilled: also flag a row the teacher kept when the teacher's most probable identity is "
+                           "not its given label (confident learning's predicted ≠ given rule); the row then follows "
+                           "flagged_rows. The confidence rule keeps a look-alike's image under its partner's label "
+                           "when the teacher gives that label a middling probability; this catches it")
     relabel_min_prob: float = Field(
         0.5, ge=0, le=1, description="distilled with flagged_rows: relabel: the teacher's top-1 probability a flagged "
                                      "row needs to be relabelled instead of dropped")

@@ -131,15 +131,21 @@ def distilled_targets(soft_labels_manifest: PathLike, train: pd.DataFrame, label
     soft = read_manifest(soft_labels_manifest, "soft_labels")
     indexed = soft.set_index("sample_id").loc[train["sample_id"]]
     confident = indexed["confident"].to_numpy(dtype=bool).copy()
-    if not confident.any():
-        raise ValueError(f"{soft_labels_manifest}: no sample is confident, so no FAT centre can be built; "
-                         "relax the teacher's confidence rule")
     # Top-1 of the soft labels (rows are sorted by probability); pids outside the map fall back to the given one.
     top1 = np.array([int(v[0]) for v in indexed["topk_ids"]], dtype=np.int64)
     top1_prob = np.array([float(v[0]) for v in indexed["topk_probs"]], dtype=np.float64)
     given = train["pid"].to_numpy()
     known = np.array([p in label_map for p in top1.tolist()])
     top1 = np.where(known, top1, given)
+    if config.flag_disagreeing:
+        disagreeing = confident & (top1 != given)
+        confident &= ~disagreeing
+        log.info("student.distilled: %d kept row(s) flagged because the teacher's top-1 identity is not the given "
+                 "label (flag_disagreeing)", int(disagreeing.sum()))
+    if not confident.any():
+        raise ValueError(f"{soft_labels_manifest}: no sample is confident, so no FAT centre can be built; "
+                         "relax the teacher's confidence rule" + (" or set student.flag_disagreeing: false"
+                                                                  if config.flag_disagreeing else ""))
     label_column = "pid"
     if config.label_source == "teacher":
         train = train.assign(teacher_pid=top1)
