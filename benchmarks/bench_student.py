@@ -109,6 +109,10 @@ VARIANTS: dict[str, dict] = {
     "distilled:disagree": {"method": "distilled", "flag_disagreeing": True},
     "distilled:disagree:prob0.3": {"method": "distilled", "flag_disagreeing": True, "relabel_min_prob": 0.3},
     "distilled:disagree:drop": {"method": "distilled", "flag_disagreeing": True, "flagged_rows": "drop"},
+    "distilled:mixup0.2": {"method": "distilled", "train": {"mixup_alpha": 0.2}},
+    "distilled:mixup0.4": {"method": "distilled", "train": {"mixup_alpha": 0.4}},
+    "distilled:mixup1": {"method": "distilled", "train": {"mixup_alpha": 1.0}},
+    "ce_triplet:mixup0.4": {"method": "ce_triplet", "train": {"mixup_alpha": 0.4}},
     "distilled:rounds": {"method": "distilled"},
     "distilled:rounds:given0.5": {"method": "distilled", "given_label_weight": 0.5},
     "distilled:given0.5:T2": {"method": "distilled", "given_label_weight": 0.5},
@@ -234,7 +238,9 @@ def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None =
                 cleanlab_folds: int | None = None) -> dict:
     overrides = dict(overrides or {})
     epochs = overrides.pop("train_epochs", None)
-    fields = {**inputs["student"], **overrides, **VARIANTS[variant]}
+    variant_fields = dict(VARIANTS[variant])
+    fields = {**inputs["student"], **overrides, **variant_fields}
+    fields["train"] = {**inputs["student"].get("train", {}), **variant_fields.get("train", {})}
     if epochs is not None:
         fields["train"] = {**fields["train"], "epochs": epochs}
     config = StudentConfig.model_validate(fields)

@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
     channels_last: bool | None = Field(None, description="None = on for CUDA only")
     flip_p: float = Field(0.5, ge=0, le=1)
     random_erasing_p: float = Field(0.5, ge=0, le=1)
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="mixup: each batch is blended with a shuffled copy of itself, λ·x + (1−λ)·x[perm], "
+                               "λ ~ Beta(α, α) folded to >= 0.5, and the loss is λ·L(own labels) + (1−λ)·L(partner's "
+                               "labels); 0 = off. Measured for the student in benchmarks/README.md, 'Mixup'")
     pad: int | None = Field(None, ge=0, description="random-crop padding (pixels); None: 10 per 128 px of image "
                                                     "height (Bag of Tricks' 10 at 128×64; 2 at 32×32)")
     seed: int = 0
@@ -99,7 +103,9 @@ class TrainConfig(BaseModel):
     def _hash_without_input_settings(self, handler: Any, info: SerializationInfo) -> dict[str, Any]:
         data = handler(self)
         if isinstance(info.context, dict) and info.context.get(HASH_CONTEXT_KEY):
-            return {key: value for key, value in data.items() if key not in INPUT_PIPELINE_FIELDS}
+            # mixup off hashes as before the field existed, so finished stages stay cached
+            return {key: value for key, value in data.items() if key not in INPUT_PIPELINE_FIELDS
+                    and not (key == "mixup_alpha" and value == 0)}
         return data
 
     @property

@@ -38,6 +38,7 @@ from fat_distill.train.checkpoint import (
 from fat_distill.train.config import TrainConfig
 from fat_distill.train.device import DeviceSettings
 from fat_distill.train.history import EpochRecorder, history_path, write_history
+from fat_distill.train.mixup import mix_images, mixup_loss, mixup_params
 from fat_distill.train.model_card import MODEL_CARD_KEY, store_model_card
 from fat_distill.train.objectives import Objective
 from fat_distill.train.record import record_fit
@@ -391,12 +392,18 @@ def _train_epoch(model, objective, loader, optimizer, scheduler, scaler, config,
         images = images.to(settings.device, non_blocking=settings.non_blocking)
         if images.dtype == torch.uint8:
             images = augment(images, epoch=epoch, batch=batch_index * world_size + rank)
-        images = settings.to_device(images)
         labels = labels.to(settings.device, non_blocking=settings.non_blocking)
         indices = indices.to(settings.device, non_blocking=settings.non_blocking)
+        mix = None
+        if config.mixup_alpha > 0:
+            mix = mixup_params(images.shape[0], config.mixup_alpha, seed=config.seed, epoch=epoch,
+                               batch=batch_index * world_size + rank, device=images.device)
+            images = mix_images(images, mix)
+        images = settings.to_device(images)
         with settings.autocast():
             output = model(images)
-        out = objective.compute(output, labels, indices)
+        out = objective.compute(output, labels, indices) if mix is None else mixup_loss(objective, output, labels,
+                                                                                        indices, mix)
         if guard is not None:
             guard.check(float(out.loss.detach()), stage, epoch, batch_index,
                         {k: float(v) for k, v in out.terms.items()}, last_ckpt)
