@@ -234,16 +234,22 @@ def training_label_quality(dataset: Path, config: StudentConfig, soft_labels: Pa
     return {"rows_trained": len(train), "labels_clean": clean}
 
 
-def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None,
-                cleanlab_folds: int | None = None) -> dict:
+def variant_config(student: dict, variant: str, overrides: dict | None = None) -> StudentConfig:
+    """The run's student section with ``overrides`` and the variant's fields on top; a variant's ``train``
+    fields are merged into the run's (``train_epochs`` in ``overrides`` sets ``train.epochs``)."""
     overrides = dict(overrides or {})
     epochs = overrides.pop("train_epochs", None)
     variant_fields = dict(VARIANTS[variant])
-    fields = {**inputs["student"], **overrides, **variant_fields}
-    fields["train"] = {**inputs["student"].get("train", {}), **variant_fields.get("train", {})}
+    fields = {**student, **overrides, **variant_fields}
+    fields["train"] = {**student.get("train", {}), **variant_fields.get("train", {})}
     if epochs is not None:
         fields["train"] = {**fields["train"], "epochs": epochs}
-    config = StudentConfig.model_validate(fields)
+    return StudentConfig.model_validate(fields)
+
+
+def run_variant(inputs: dict, variant: str, work: Path, overrides: dict | None = None,
+                cleanlab_folds: int | None = None) -> dict:
+    config = variant_config(inputs["student"], variant, overrides)
     kwargs = {}
     if config.method == "distilled":
         kwargs["soft_labels_manifest"] = (soft_labels_for(inputs, SOFT_LABELS[variant], work) if variant in SOFT_LABELS

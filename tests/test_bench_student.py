@@ -32,16 +32,25 @@ def test_summary_reports_margin_over_the_best_baseline_and_gap_closed(bench):
     assert "| 5.0 |" in line and "25.0 %" in line  # 37 − 32; (37 − 32) / (52 − 32)
 
 
+def test_a_variants_train_fields_merge_into_the_runs(bench):
+    student = {"method": "distilled", "train": {"image_size": [32, 16], "epochs": 7}}
+    config = bench.variant_config(student, "distilled:mixup0.4", {"train_epochs": 2})
+    assert config.train.mixup_alpha == 0.4 and tuple(config.train.image_size) == (32, 16)
+    assert config.train.epochs == 2
+    assert bench.variant_config(student, "distilled").train.mixup_alpha == 0.0
+
+
 def test_variants_train_on_a_finished_run(bench, tmp_path):
     config = validate_config(PipelineConfig, tiny_config(tmp_path, baselines=[]))
     run_id, _ = run_direct(config)
     out = tmp_path / "out"
     argv = ["--runs", str(tmp_path / "runs" / run_id), "--variants", "ce_triplet", "filtered", "cleanlab",
-            "distilled:relabel:given1:bh", "distilled:rounds", "--epochs", "1", "--cleanlab-folds", "2",
+            "distilled:relabel:given1:bh", "distilled:rounds", "distilled:mixup0.4", "--epochs", "1",
+            "--cleanlab-folds", "2",
             "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     runs = bench.main(argv)
     assert list(runs["variant"]) == ["ce_triplet", "filtered", "cleanlab", "distilled:relabel:given1:bh",
-                                     "distilled:rounds"]
+                                     "distilled:rounds", "distilled:mixup0.4"]
     assert runs["mAP"].between(0, 1).all()
     assert runs["labels_clean"].between(0, 100).all() and runs["rows_trained"].gt(0).all()
     # filter-and-retrain trains on fewer, cleaner rows than every row with its given label
@@ -56,7 +65,8 @@ def test_variants_train_on_a_finished_run(bench, tmp_path):
     assert kinds and detection[kinds].stack().between(0, 100).all() and "recall of " in summary
     assert "| cleanlab | 1 |" in summary.split("Noise detection")[1]
     bench.main(argv)  # every row is there: nothing is trained again
-    assert len(pd.read_csv(out / "runs.csv")) == 5
+    assert len(pd.read_csv(out / "runs.csv")) == 6
+
     # distilled:rounds trained on soft labels made again, from every teacher round of the run
     from fat_distill.manifests import read_manifest_meta
 
