@@ -40,7 +40,7 @@ from fat_distill.distill._common import load_dataset
 from fat_distill.distill.student import distilled_targets, student_label_map, student_training_rows
 from fat_distill.manifests import read_manifest, write_manifest
 
-from bench_student import run_inputs
+from bench_student import _mean_range, run_inputs
 
 NOISE_KINDS = ("flip", "pair", "outlier")
 VARIANTS = ("student labels", "true labels", *(f"true except {kind}" for kind in NOISE_KINDS), "oracle")
@@ -117,15 +117,13 @@ def summarise(results: pd.DataFrame) -> str:
                                                                             values="mAP")
     for variant in [v for v in VARIANTS if v in by_run.columns]:
         g = results[results["variant"] == variant]
-        values = g["mAP"] * 100
-        cell = f"{values.mean():.1f} [{values.min():.1f}, {values.max():.1f}]"
         diff = "–"
         if "true labels" in by_run.columns and variant != "true labels":
             d = (by_run[variant] - by_run["true labels"]).dropna() * 100
             if len(d):
                 diff = f"{d.mean():+.1f} ({', '.join(f'{x:+.1f}' for x in d)})"
         lines.append(f"| {variant} | {g['run'].nunique()} | {g['rows'].mean():.0f} | {g['wrong_labels'].mean():.0f} | "
-                     f"{cell} | {diff} |")
+                     f"{_mean_range(g['mAP'])} | {diff} |")
     return "\n".join(lines) + "\n"
 
 
