@@ -136,8 +136,9 @@ class StudentConfig(Section):
     flag_disagreeing: bool = Field(
         False, description="distilled: also flag a row the teacher kept when the teacher's most probable identity is "
                            "not its given label (confident learning's predicted ≠ given rule); the row then follows "
-                           "flagged_rows. The confidence rule keeps a look-alike's image under its partner's label "
-                           "when the teacher gives that label a middling probability; this catches it")
+                           "flagged_rows. It catches more of the look-alike rows the confidence rule keeps, and "
+                           "flags clean rows with them: below the defaults on synth, level on ORL "
+                           "(benchmarks/README.md, 'Where the student's errors come from')")
     relabel_min_prob: float = Field(
         0.5, ge=0, le=1, description="distilled with flagged_rows: relabel: the teacher's top-1 probability a flagged "
                                      "row needs to be relabelled instead of dropped")

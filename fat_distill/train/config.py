@@ -73,7 +73,8 @@ class TrainConfig(BaseModel):
     mixup_alpha: float = Field(
         0.0, ge=0, description="mixup: each batch is blended with a shuffled copy of itself, λ·x + (1−λ)·x[perm], "
                                "λ ~ Beta(α, α) folded to >= 0.5, and the loss is λ·L(own labels) + (1−λ)·L(partner's "
-                               "labels); 0 = off. Measured for the student in benchmarks/README.md, 'Mixup'")
+                               "labels); 0 = off. Measured for the student in benchmarks/README.md, 'Where the student's "
+                               "errors come from' (below the defaults on synth at 35 epochs)")
     pad: int | None = Field(None, ge=0, description="random-crop padding (pixels); None: 10 per 128 px of image "
                                                     "height (Bag of Tricks' 10 at 128×64; 2 at 32×32)")
     seed: int = 0
