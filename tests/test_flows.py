@@ -318,9 +318,23 @@ def test_a_released_device_slot_is_handed_to_the_next_stage_then_given_back(monk
     takes = []
     real_concurrency = devices.concurrency
 
-    def counted_concurrency(*args, **kwargs):  # Prefect's own context manager, counted
-        takes.append(args[0])
-        return real_concurrency(*args, **kwargs)
+    class Counted:
+        """Prefect's own context manager, counted when a slot is taken: a try that timed out on a slow server
+        (the pool then tries again, see SLOW_SERVER_TAKE_SECONDS) took nothing."""
+
+        def __init__(self, name, ctx):
+            self.name, self.ctx = name, ctx
+
+        def __enter__(self):
+            entered = self.ctx.__enter__()
+            takes.append(self.name)
+            return entered
+
+        def __exit__(self, *exc):
+            return self.ctx.__exit__(*exc)
+
+    def counted_concurrency(*args, **kwargs):
+        return Counted(args[0], real_concurrency(*args, **kwargs))
 
     monkeypatch.setattr(devices, "concurrency", counted_concurrency)
     monkeypatch.setattr(devices, "HANDOVER_SECONDS", 600.0)  # nothing expires while the chain runs
