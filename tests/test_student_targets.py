@@ -96,3 +96,19 @@ def test_flag_disagreeing_flags_kept_rows_whose_teacher_top1_is_another_identity
     rows, *_, confident, _ = distilled_targets(path, train, label_map,
                                                StudentConfig(flag_disagreeing=True, flagged_rows="drop"))
     assert list(rows["sample_id"]) == ["a", "g"]
+
+
+def test_flag_disagreeing_that_leaves_no_confident_row_says_which_setting_to_change(tmp_path):
+    import pandas as pd
+    import pytest
+
+    from fat_distill.distill import StudentConfig
+    from fat_distill.distill.student import distilled_targets
+    from fat_distill.manifests import write_manifest
+    soft = pd.DataFrame({"sample_id": ["a", "b"], "given_label": [1, 2], "topk_ids": [[2, 1], [1, 2]],
+                         "topk_probs": [[0.6, 0.4], [0.7, 0.3]], "confident": [True, True]})
+    path = tmp_path / "soft.parquet"
+    write_manifest(soft, path, "soft_labels", stage="test")
+    train = pd.DataFrame({"sample_id": ["a", "b"], "pid": [1, 2]})
+    with pytest.raises(ValueError, match=r"no sample is confident.*student\.flag_disagreeing: false"):
+        distilled_targets(path, train, {1: 0, 2: 1}, StudentConfig(flag_disagreeing=True))
